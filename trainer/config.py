@@ -1,0 +1,292 @@
+"""Run configuration: typed sections loaded from TOML, overridden by `--section.key=value`.
+
+Every key is checked: an unknown key is an error that names it and the closest valid key, and a
+value of the wrong type is an error that names the key, the expected type and the value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trainer.model.config import ConfigError, ModelConfig
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny_cpu.toml"
+
+
+@dataclass
+class DataConfig:
+    sources: list[str] = field(default_factory=lambda: ["data/sample/*.jsonl.zst"])
+    """Document shards: paths, globs or fsspec URLs of .jsonl / .jsonl.zst files."""
+    tokenizer: str = "byte"
+
+
+@dataclass
+class TrainingConfig:
+    steps: int = 300
+    seed: int = 0
+    run_dir: str = "runs/tiny_cpu"
+    global_batch_size: int = 16
+    """Rows (sequences) per optimizer step, over all data-parallel ranks."""
+    micro_batch_size: int = 0
+    """Rows per forward/backward on one rank; 0 means the whole per-rank share (no accumulation)."""
+    seq_len: int = 256
+    dtype: str = "float32"
+    """Compute dtype: "float32" or "bfloat16" (parameters and optimizer state stay float32)."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this; 0 disables clipping."""
+    device: str = "auto"
+    """"auto" (cuda if available), "cpu" or "cuda"."""
+    stop_after_steps: int = 0
+    """End this invocation after this many steps (with a checkpoint) even if training.steps is
+    not reached; re-running resumes. For time-limited allocations. 0: run to training.steps."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    """The schedule decays to lr * min_lr_ratio."""
+    warmup_steps: int = 20
+    schedule: str = "cosine"
+    """"cosine", "wsd" (warmup-stable-decay, linear decay) or "constant"."""
+    decay_fraction: float = 0.2
+    """WSD: the final fraction of the steps spent decaying."""
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+
+
+@dataclass
+class ParallelConfig:
+    dp_replicate: int = 1
+    dp_shard: int = -1
+    """FSDP degree; -1 means every rank not used by another dimension."""
+    ep: int = 1
+    cp: int = 1
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 100
+    """Save every this many steps (and at the last step); 0 disables saving."""
+    keep: int = 2
+    """Keep the newest this many complete checkpoints; 0 keeps all."""
+    resume: bool = True
+    """Resume from the newest complete checkpoint in run_dir/checkpoints if there is one."""
+
+
+@dataclass
+class MetricsConfig:
+    log_interval: int = 10
+    tensorboard: bool = True
+    peak_flops_per_device: float = 0.0
+    """Peak FLOP/s of one device for MFU; 0 leaves MFU out."""
+
+
+@dataclass
+class FP8Config:
+    backend: str = "off"
+    """"off" in this version; the Transformer Engine and torch-native backends are planned."""
+
+
+@dataclass
+class PrecisionConfig:
+    fp8: FP8Config = field(default_factory=FP8Config)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Checks that need more than one field; per-field checks live in each section."""
+        t, o, p = self.training, self.optim, self.parallel
+        _require_choice("training.dtype", t.dtype, ("float32", "bfloat16"))
+        _require_choice("training.device", t.device, ("auto", "cpu", "cuda"))
+        _require_choice("optim.schedule", o.schedule, ("cosine", "wsd", "constant"))
+        _require_choice("precision.fp8.backend", self.precision.fp8.backend, ("off",))
+        for key in ("steps", "global_batch_size", "seq_len"):
+            if getattr(t, key) <= 0:
+                raise ConfigError(f"training.{key} must be positive, got {getattr(t, key)}")
+        if min(t.micro_batch_size, t.stop_after_steps, o.warmup_steps) < 0:
+            raise ConfigError(
+                "training.micro_batch_size, training.stop_after_steps and optim.warmup_steps "
+                "must be >= 0"
+            )
+        if not 0.0 <= o.min_lr_ratio <= 1.0 or not 0.0 < o.decay_fraction <= 1.0:
+            raise ConfigError("optim.min_lr_ratio must lie in [0, 1] and decay_fraction in (0, 1]")
+        if p.ep != 1 or p.cp != 1 or p.dp_replicate != 1:
+            raise ConfigError(
+                "parallel.ep, parallel.cp and parallel.dp_replicate must be 1 in this version: "
+                "expert, context and replicated data parallelism are not built yet"
+            )
+
+
+def _require_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {value!r}")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a TOML file (the embedded default when None) and apply `--section.key=value` items."""
+    config_path = Path(path) if path is not None else DEFAULT_CONFIG
+    try:
+        raw = tomllib.loads(config_path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {config_path}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{config_path}: {e}") from None
+    for item in overrides or []:
+        key, value = parse_override(item)
+        _set_dotted(raw, key, value)
+    return build_dataclass(Config, raw, prefix="")
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`--training.steps=10` -> ("training.steps", 10); values parse as TOML, else as strings."""
+    if not item.startswith("--") or "=" not in item:
+        raise ConfigError(f"override {item!r} must look like --section.key=value")
+    key, text = item[2:].split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text
+    return key, value
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"cannot set {key}: {part} is not a section")
+    node[leaf] = value
+
+
+def build_dataclass(cls: type, raw: dict[str, Any], prefix: str) -> Any:
+    """Construct `cls` from a nested dict, checking every key and value type."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        full_key = f"{prefix}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else ""
+            raise ConfigError(f"unknown config key {full_key!r}{hint}")
+        kwargs[key] = _convert(hints[key], value, full_key)
+    return cls(**kwargs)
+
+
+def _convert(expected: Any, value: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(expected):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} is a section; got the value {value!r}")
+        return build_dataclass(expected, value, prefix=f"{key}.")
+    origin = typing.get_origin(expected)
+    if origin is list:
+        (item_type,) = typing.get_args(expected)
+        if isinstance(value, str):  # a single CLI value for a list key
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list; got {value!r}")
+        return [_convert(item_type, v, key) for v in value]
+    if origin in (typing.Union, types.UnionType):
+        raise ConfigError(f"{key}: union-typed config fields are not supported")
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is bool and not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false; got {value!r}")
+    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        raise ConfigError(f"{key} must be of type {expected.__name__}; got {value!r}")
+    return value
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def to_toml(config: Config) -> str:
+    """The resolved config as TOML that `load_config` reads back to an equal Config."""
+    lines: list[str] = []
+    _write_section(dataclasses.asdict(config), [], lines)
+    return "\n".join(lines).strip() + "\n"
+
+
+def _write_section(values: dict[str, Any], path: list[str], lines: list[str]) -> None:
+    scalars = {k: v for k, v in values.items() if not isinstance(v, dict)}
+    if path and scalars:
+        lines.append(f"\n[{'.'.join(path)}]")
+    lines.extend(f"{key} = {_toml_value(value)}" for key, value in scalars.items())
+    for key, value in values.items():
+        if isinstance(value, dict):
+            _write_section(value, [*path, key], lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m trainer.config [--config FILE] [--section.key=value ...]`: print and count."""
+    from trainer.model.config import count_parameters
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    path, overrides = split_cli(args)
+    try:
+        config = load_config(path, overrides)
+    except ConfigError as e:
+        sys.exit(f"config error: {e}")
+    print(to_toml(config), end="")
+    print(f"# parameters: {count_parameters(config.model)}")
+
+
+def split_cli(args: list[str]) -> tuple[str | None, list[str]]:
+    """Separate `--config FILE` (or `--config=FILE`) from the dotted overrides."""
+    path = None
+    overrides = []
+    it = iter(args)
+    for arg in it:
+        if arg == "--config":
+            path = next(it, None)
+            if path is None:
+                raise ConfigError("--config needs a file path")
+        elif arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+        else:
+            overrides.append(arg)
+    return path, overrides
+
+
+if __name__ == "__main__":
+    main()

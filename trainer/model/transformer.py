@@ -1,0 +1,133 @@
+"""The Llama-4 text decoder: embeddings, pre-norm blocks (attention + dense FFN or MoE), head.
+
+The model knows nothing of devices or parallelism. Build it on any device (or "meta"), then
+call `init_weights()`: modules are created with uninitialised storage on purpose, so a model
+materialised with `to_empty` after sharding is initialised exactly once, in one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from trainer.model.attention import (
+    Attention,
+    AttentionInputs,
+    build_attention_inputs,
+    depth_scaled_std,
+)
+from trainer.model.config import ModelConfig
+from trainer.model.moe import MoE, FeedForward
+from trainer.model.rope import rope_inverse_frequencies
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim))
+
+    def init_weights(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg, use_rope=cfg.uses_rope(layer))
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.is_moe = cfg.is_moe_layer(layer)
+        self.feed_forward: MoE | FeedForward = (
+            MoE(cfg) if self.is_moe else FeedForward(cfg.dim, cfg.dense_ffn_dim)
+        )
+
+    def init_weights(self, std: float) -> None:
+        out_std = depth_scaled_std(std, self.layer)
+        self.attention_norm.init_weights()
+        self.ffn_norm.init_weights()
+        self.attention.init_weights(std, out_std)
+        self.feed_forward.init_weights(std, out_std)
+
+    def forward(
+        self, x_BSD: torch.Tensor, inputs: AttentionInputs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        h = x_BSD + self.attention(self.attention_norm(x_BSD), inputs)
+        normed = self.ffn_norm(h)
+        if isinstance(self.feed_forward, MoE):
+            ffn_out, router_loss = self.feed_forward(normed)
+        else:
+            ffn_out, router_loss = self.feed_forward(normed), h.new_zeros((), dtype=torch.float32)
+        return h + ffn_out, router_loss
+
+
+@dataclass
+class ModelOutput:
+    logits_BSV: torch.Tensor
+    router_loss: torch.Tensor
+    """Sum over MoE layers of the weighted aux and z losses of this forward (scalar, float32)."""
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        # Keys are str(i) so parameter names stay stable whatever wraps the blocks.
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg, i) for i in range(cfg.n_layers)})
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.register_buffer("rope_inv_freq", rope_inverse_frequencies(cfg), persistent=False)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialise every parameter and buffer; call after `to_empty` when built on meta."""
+        std = self.cfg.init_std
+        nn.init.normal_(self.tok_embeddings.weight, std=1.0)
+        for block in self.layers.values():
+            block.init_weights(std)
+        self.norm.init_weights()
+        head_std = self.cfg.dim**-0.5
+        nn.init.trunc_normal_(self.output.weight, std=head_std, a=-3 * head_std, b=3 * head_std)
+        self.rope_inv_freq.copy_(rope_inverse_frequencies(self.cfg))
+
+    def moe_layers(self) -> dict[int, MoE]:
+        return {
+            int(i): block.feed_forward
+            for i, block in self.layers.items()
+            if isinstance(block.feed_forward, MoE)
+        }
+
+    def forward(
+        self,
+        tokens_BS: torch.Tensor,
+        positions_BS: torch.Tensor | None = None,
+        document_ids_BS: torch.Tensor | None = None,
+        embeddings_BSD: torch.Tensor | None = None,
+    ) -> ModelOutput:
+        """Logits for every position. Without positions/document ids each row is one document.
+
+        `embeddings_BSD`, when given, replaces the token embedding lookup (early fusion writes
+        image features into it; tests differentiate through it).
+        """
+        if positions_BS is None:
+            positions_BS = torch.arange(tokens_BS.shape[1], device=tokens_BS.device).expand_as(
+                tokens_BS
+            )
+        if document_ids_BS is None:
+            document_ids_BS = torch.zeros_like(tokens_BS)
+        inputs = build_attention_inputs(self.cfg, self.rope_inv_freq, positions_BS, document_ids_BS)
+        h = self.tok_embeddings(tokens_BS) if embeddings_BSD is None else embeddings_BSD
+        router_loss = h.new_zeros((), dtype=torch.float32)
+        for block in self.layers.values():
+            h, block_router_loss = block(h, inputs)
+            router_loss = router_loss + block_router_loss
+        return ModelOutput(self.output(self.norm(h)), router_loss)
