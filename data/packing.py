@@ -135,7 +135,7 @@ class SequencePacker:
 
 
 def next_token_labels(tokens: np.ndarray, document_ids: np.ndarray) -> np.ndarray:
-    """labels[t] = tokens[t + 1] inside a document piece, IGNORE_INDEX across pieces and at the end."""
+    """labels[t] = tokens[t + 1] in one document piece, else (and at the end) IGNORE_INDEX."""
     labels = np.full_like(tokens, IGNORE_INDEX)
     same_piece = document_ids[:, 1:] == document_ids[:, :-1]
     labels[:, :-1] = np.where(same_piece, tokens[:, 1:], IGNORE_INDEX)

@@ -28,7 +28,8 @@ class ParallelDims:
         if self.dp_shard == -1:
             if self.world_size % fixed:
                 raise ValueError(
-                    f"world size {self.world_size} is not divisible by dp_replicate * ep * cp = {fixed}"
+                    f"world size {self.world_size} is not divisible by "
+                    f"dp_replicate * ep * cp = {fixed}"
                 )
             object.__setattr__(self, "dp_shard", self.world_size // fixed)
         degrees = (self.dp_replicate, self.dp_shard, self.ep, self.cp)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import sys
-import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from trainer.model.config import ConfigError, ModelConfig
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10
+    import tomli as tomllib
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny_cpu.toml"
 

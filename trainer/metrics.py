@@ -50,7 +50,7 @@ class MetricsLogger:
 
 
 def expert_load_metrics(loads: dict[int, torch.Tensor]) -> dict[str, float]:
-    """Per MoE layer: each expert's share of routed tokens, and max / mean load (1.0 is balanced)."""
+    """Per MoE layer: each expert's share of routed tokens, and max/mean load (1 = balanced)."""
     metrics = {}
     for layer, load_E in loads.items():
         total = float(load_E.sum())

@@ -45,7 +45,7 @@ class SegmentLayout:
 def build_segment_layout(
     document_ids_BS: torch.Tensor, positions_BS: torch.Tensor, chunk_size: int | None
 ) -> SegmentLayout:
-    """Cut the batch into causal segments: a new one starts at each row, document or chunk change."""
+    """Cut the batch into causal segments, starting anew at each row, document or chunk change."""
     _, seq_len = document_ids_BS.shape
     device = document_ids_BS.device
     # note: host-side bookkeeping on a few int tensors; a CPU-GPU sync point on CUDA.

@@ -47,7 +47,7 @@ def grouped_matmul(
 
 
 class GroupedExperts(nn.Module):
-    """E SwiGLU experts stored as stacked weights, computed with grouped GEMMs, no loop over tokens."""
+    """E SwiGLU experts as stacked weights, run with grouped GEMMs (no loop over tokens)."""
 
     def __init__(self, n_experts: int, dim: int, hidden_dim: int):
         super().__init__()
@@ -100,7 +100,7 @@ def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
 
 
 class MoE(nn.Module):
-    """Routed experts plus the shared expert; keeps per-expert token counts for balancing/metrics."""
+    """Routed experts plus the shared expert; counts tokens per expert for balancing/metrics."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()

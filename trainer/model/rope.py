@@ -19,7 +19,7 @@ def rope_inverse_frequencies(cfg: ModelConfig) -> torch.Tensor:
 
 
 def _llama3_scaled(inv_freq: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
-    """Llama 3.1 scaling: long wavelengths divided by `factor`, short ones kept, a smooth ramp between."""
+    """Llama 3.1 scaling: long wavelengths / `factor`, short ones kept, a smooth ramp between."""
     factor = cfg.rope_scaling_factor
     old_context = cfg.rope_original_max_position
     low_freq_wavelen = old_context / cfg.rope_low_freq_factor
@@ -43,7 +43,7 @@ def rope_rotations(positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Ten
 
 
 def apply_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
-    """Rotate consecutive pairs (x[2i], x[2i+1]) of x (..., T, H, head_dim) by rotations (..., T, head_dim/2)."""
+    """Rotate pairs (x[2i], x[2i+1]) of x (..., T, H, Dh) by rotations (..., T, Dh / 2)."""
     pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
     rotated = torch.view_as_real(pairs * rotations.unsqueeze(-2)).flatten(-2)
     return rotated.type_as(x)

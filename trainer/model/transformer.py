@@ -19,7 +19,7 @@ from trainer.model.attention import (
     depth_scaled_std,
 )
 from trainer.model.config import ModelConfig
-from trainer.model.moe import MoE, FeedForward
+from trainer.model.moe import FeedForward, MoE
 from trainer.model.rope import rope_inverse_frequencies
 
 
