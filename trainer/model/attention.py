@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.model.config import ModelConfig
+from trainer.model.numerics import upcast
 from trainer.model.rope import apply_rope, rope_rotations
 
 
@@ -132,7 +133,7 @@ def build_attention_inputs(
     )
     temperature = None
     if cfg.attn_temperature_tuning:
-        steps = torch.floor((positions_BS.float() + 1.0) / cfg.floor_scale)
+        steps = torch.floor((upcast(positions_BS) + 1.0) / cfg.floor_scale)
         temperature = torch.log(steps + 1.0) * cfg.attn_scale + 1.0
     return AttentionInputs(
         rotations_BSR=rope_rotations(positions_BS, inv_freq),
@@ -143,7 +144,7 @@ def build_attention_inputs(
 
 
 def weightless_rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
-    x32 = x.float()
+    x32 = upcast(x)
     return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
 
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.model.config import ModelConfig
+from trainer.model.numerics import upcast
 
 
 class FeedForward(nn.Module):
@@ -35,10 +36,21 @@ class FeedForward(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+_GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def grouped_matmul(
     x_RD: torch.Tensor, w_EDF: torch.Tensor, offsets_E: torch.Tensor
 ) -> torch.Tensor:
-    """Rows [offsets[e-1], offsets[e]) of x times w[e], for every expert e, in one kernel."""
+    """Rows [offsets[e-1], offsets[e]) of x times w[e], for every expert e.
+
+    One `torch._grouped_mm` kernel for the dtypes it takes; float64 (used by reference tests)
+    loops over experts, never over tokens.
+    """
+    if x_RD.dtype not in _GROUPED_MM_DTYPES:
+        counts = torch.diff(offsets_E, prepend=offsets_E.new_zeros(1)).tolist()
+        pieces = torch.split(x_RD, counts)
+        return torch.cat([piece @ w for piece, w in zip(pieces, w_EDF, strict=True)])
     out = torch._grouped_mm(x_RD, w_EDF, offs=offsets_E)
     if out.requires_grad:
         # The CPU kernel's backward rejects stride-0 gradients (as produced by `.sum()`).
@@ -81,14 +93,14 @@ class Router(nn.Module):
         logits_TE = self.gate(x_TD)
         choice_TE = logits_TE.detach() + self.expert_bias.to(logits_TE.dtype)
         experts_TK = torch.topk(choice_TE, self.top_k, dim=-1).indices
-        scores_TK = torch.sigmoid(logits_TE.gather(1, experts_TK).float()).to(x_TD.dtype)
+        scores_TK = torch.sigmoid(upcast(logits_TE.gather(1, experts_TK))).to(x_TD.dtype)
         return scores_TK, experts_TK, logits_TE
 
 
 def load_balance_loss(logits_TE: torch.Tensor, experts_TK: torch.Tensor) -> torch.Tensor:
     """Switch-style E * sum_e f_e * P_e with P from normalised sigmoid affinities (DeepSeek-V3)."""
     n_experts = logits_TE.shape[-1]
-    affinity_TE = torch.sigmoid(logits_TE.float())
+    affinity_TE = torch.sigmoid(upcast(logits_TE))
     share_E = (affinity_TE / affinity_TE.sum(-1, keepdim=True)).mean(0)
     counts_E = torch.bincount(experts_TK.reshape(-1), minlength=n_experts).float()
     fraction_E = counts_E / experts_TK.numel()
@@ -96,7 +108,7 @@ def load_balance_loss(logits_TE: torch.Tensor, experts_TK: torch.Tensor) -> torc
 
 
 def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
-    return torch.logsumexp(logits_TE.float(), dim=-1).square().mean()
+    return torch.logsumexp(upcast(logits_TE), dim=-1).square().mean()
 
 
 class MoE(nn.Module):

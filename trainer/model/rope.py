@@ -7,11 +7,12 @@ import math
 import torch
 
 from trainer.model.config import ModelConfig
+from trainer.model.numerics import upcast
 
 
 def rope_inverse_frequencies(cfg: ModelConfig) -> torch.Tensor:
     """Per-pair rotation frequencies (head_dim / 2,), float32 as in the reference implementation."""
-    exponents = torch.arange(0, cfg.head_dim, 2, dtype=torch.int64).float() / cfg.head_dim
+    exponents = upcast(torch.arange(0, cfg.head_dim, 2, dtype=torch.int64)) / cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta**exponents)
     if cfg.rope_scaling == "llama3":
         inv_freq = _llama3_scaled(inv_freq, cfg)
@@ -38,12 +39,12 @@ def _llama3_scaled(inv_freq: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
 
 def rope_rotations(positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
     """Unit complex rotations (*positions.shape, head_dim / 2) for integer positions."""
-    angles = positions.float()[..., None] * inv_freq.to(positions.device)
+    angles = upcast(positions)[..., None] * inv_freq.to(positions.device)
     return torch.polar(torch.ones_like(angles), angles)
 
 
 def apply_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
     """Rotate pairs (x[2i], x[2i+1]) of x (..., T, H, Dh) by rotations (..., T, Dh / 2)."""
-    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    pairs = torch.view_as_complex(upcast(x).reshape(*x.shape[:-1], -1, 2))
     rotated = torch.view_as_real(pairs * rotations.unsqueeze(-2)).flatten(-2)
     return rotated.type_as(x)

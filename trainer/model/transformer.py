@@ -20,6 +20,7 @@ from trainer.model.attention import (
 )
 from trainer.model.config import ModelConfig
 from trainer.model.moe import FeedForward, MoE
+from trainer.model.numerics import upcast
 from trainer.model.rope import rope_inverse_frequencies
 
 
@@ -33,7 +34,7 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
+        x32 = upcast(x)
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return normed.type_as(x) * self.weight
 
