@@ -209,7 +209,8 @@ def train_loop(trainer: Trainer) -> None:
         last_step = min(t.steps, trainer.state.step + t.stop_after_steps)
     tokens_per_step = t.global_batch_size * t.seq_len
     flops_per_step = flops_per_token(cfg.model, t.seq_len) * tokens_per_step
-    window_time, window_steps = 0.0, 0  # training time since the last log, checkpoints excluded
+    # Since the last log: training time (checkpoints excluded), steps and summed losses.
+    window_time, window_steps, window_loss = 0.0, 0, 0.0
     for step in range(trainer.state.step + 1, last_step + 1):
         step_start = time.perf_counter()
         lr = lr_at(step, t.steps, cfg.optim)
@@ -219,10 +220,11 @@ def train_loop(trainer: Trainer) -> None:
         trainer.state.step = step
         window_time += time.perf_counter() - step_start
         window_steps += 1
+        window_loss += result.loss
         if step % cfg.metrics.log_interval == 0 or step == last_step:
             elapsed = window_time
             scalars = {
-                "loss": result.loss,
+                "loss": window_loss / window_steps,
                 "lr": lr,
                 "grad_norm": result.grad_norm,
                 "router_loss": result.router_loss,
@@ -233,7 +235,7 @@ def train_loop(trainer: Trainer) -> None:
                 peak = cfg.metrics.peak_flops_per_device * trainer.ctx.world_size
                 scalars["mfu"] = flops_per_step * window_steps / elapsed / peak
             trainer.metrics.log(step, scalars, format_console(step, t.steps, scalars))
-            window_time, window_steps = 0.0, 0
+            window_time, window_steps, window_loss = 0.0, 0, 0.0
         if should_save(trainer, step, last_step):
             trainer.checkpoints.save(step, trainer.checkpoint_state())
 
