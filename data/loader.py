@@ -28,6 +28,10 @@ class RankSlice:
     rank: int
     world_size: int
 
+    def __post_init__(self) -> None:
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} is outside [0, {self.world_size})")
+
     def rows(self, global_rows: int) -> slice:
         if global_rows % self.world_size:
             raise ValueError(

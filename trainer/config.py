@@ -131,10 +131,10 @@ class Config:
         for key in ("steps", "global_batch_size", "seq_len"):
             if getattr(t, key) <= 0:
                 raise ConfigError(f"training.{key} must be positive, got {getattr(t, key)}")
-        if min(t.micro_batch_size, t.stop_after_steps, o.warmup_steps) < 0:
+        if min(t.seed, t.micro_batch_size, t.stop_after_steps, o.warmup_steps) < 0:
             raise ConfigError(
-                "training.micro_batch_size, training.stop_after_steps and optim.warmup_steps "
-                "must be >= 0"
+                "training.seed, training.micro_batch_size, training.stop_after_steps and "
+                "optim.warmup_steps must be >= 0"
             )
         if not 0.0 <= o.min_lr_ratio <= 1.0 or not 0.0 < o.decay_fraction <= 1.0:
             raise ConfigError("optim.min_lr_ratio must lie in [0, 1] and decay_fraction in (0, 1]")
