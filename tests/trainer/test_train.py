@@ -56,6 +56,14 @@ def test_fsdp_two_ranks_match_one_process(reference, two_ranks):
         assert two_ranks[step] == pytest.approx(loss, rel=FSDP_RTOL), step
 
 
+def test_gradient_accumulation_matches_one_big_micro_batch(tmp_path, reference):
+    """4 micro-batches of 2 rows give the same updates as 1 micro-batch of 8 rows."""
+    run_trainer(tmp_path, f"--training.steps={STEPS}", "--training.micro_batch_size=2")
+    losses = losses_by_step(tmp_path)
+    for step, loss in reference.items():
+        assert losses[step] == pytest.approx(loss, rel=FSDP_RTOL), step
+
+
 def test_resume_with_a_different_world_size(tmp_path, reference):
     """A checkpoint from 2 ranks continues under 1 process on the same global stream."""
     losses = stopped_and_resumed(tmp_path, 2, 1)
