@@ -125,16 +125,16 @@ def build_attention_inputs(
     document_ids_BS: torch.Tensor,
 ) -> AttentionInputs:
     global_layout = build_segment_layout(document_ids_BS, positions_BS, None)
-    fits_one_chunk = int(positions_BS.max()) < cfg.attention_chunk_size
+    chunk = cfg.attention_chunk_size
     rope_layout = (
         global_layout
-        if fits_one_chunk
+        if chunk == 0 or int(positions_BS.max()) < chunk
         else build_segment_layout(document_ids_BS, positions_BS, cfg.attention_chunk_size)
     )
     temperature = None
     if cfg.attn_temperature_tuning:
         steps = torch.floor((upcast(positions_BS) + 1.0) / cfg.floor_scale)
-        temperature = torch.log(steps + 1.0) * cfg.attn_scale + 1.0
+        temperature = torch.log1p(steps) * cfg.attn_scale + 1.0
     return AttentionInputs(
         rotations_BSR=rope_rotations(positions_BS, inv_freq),
         temperature_BS=temperature,

@@ -6,11 +6,46 @@ The names follow Llama 4's public configuration where one exists (`attention_chu
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 class ConfigError(ValueError):
     """A configuration value or combination that cannot work; the message names the key."""
+
+
+@dataclass
+class VisionConfig:
+    """The Llama 4 vision tower for early fusion (HF `Llama4VisionConfig` names in brackets)."""
+
+    enabled: bool = False
+    """Build the vision encoder and projector beside the text decoder."""
+    dim: int = 1408
+    """ViT width [hidden_size]."""
+    n_layers: int = 34
+    n_heads: int = 16
+    ffn_dim: int = 5632
+    """ViT MLP width [intermediate_size]."""
+    image_size: int = 336
+    """Tile side in pixels."""
+    patch_size: int = 14
+    n_channels: int = 3
+    norm_eps: float = 1e-5
+    pixel_shuffle_ratio: float = 0.5
+    """Pixel shuffle merges (1 / ratio)^2 neighbouring patches: 576 -> 144 tokens per tile."""
+    adapter_dim: int = 4096
+    """Hidden width of the adapter MLP after pixel shuffle [projector_input_dim]."""
+    output_dim: int = 4096
+    """Adapter output width, the projector input [projector_output_dim, vision_output_dim]."""
+    rope_theta: float = 10000.0
+
+    @property
+    def patches_per_side(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def tokens_per_tile(self) -> int:
+        """Text-stream tokens (<|patch|> slots) per tile after pixel shuffle."""
+        return int(self.patches_per_side**2 * self.pixel_shuffle_ratio**2)
 
 
 @dataclass
@@ -38,7 +73,8 @@ class ModelConfig:
     nope_layer_interval: int = 4
     """Layers with (i + 1) % interval == 0 use no RoPE and global attention; 0 disables NoPE."""
     attention_chunk_size: int = 8192
-    """RoPE layers attend only within chunks of this many positions (q // C == k // C)."""
+    """RoPE layers attend only within chunks of this many positions (q // C == k // C);
+    0 disables chunking (HF `attention_chunk_size = null`)."""
     rope_theta: float = 500000.0
     rope_scaling: str = "none"
     """"none" or "llama3" (frequency-dependent interpolation of the rotary frequencies)."""
@@ -60,6 +96,7 @@ class ModelConfig:
     """Weight of the router z-loss mean(logsumexp(logits)^2)."""
     router_bias_update_rate: float = 0.001
     """Aux-loss-free balancing: per-step update of a routing-only expert bias; 0 disables."""
+    vision: VisionConfig = field(default_factory=VisionConfig)
 
     def __post_init__(self) -> None:
         if self.head_dim == 0 and self.n_heads > 0:
@@ -88,8 +125,8 @@ class ModelConfig:
             raise ConfigError(
                 f'model.rope_scaling must be "none" or "llama3", got {self.rope_scaling!r}'
             )
-        if self.attention_chunk_size <= 0 or self.floor_scale <= 0:
-            raise ConfigError("model.attention_chunk_size and model.floor_scale must be positive")
+        if self.attention_chunk_size < 0 or self.floor_scale <= 0:
+            raise ConfigError("model.attention_chunk_size must be >= 0, model.floor_scale > 0")
 
     def is_moe_layer(self, layer: int) -> bool:
         step = self.interleave_moe_layer_step
@@ -135,7 +172,21 @@ def count_parameters(cfg: ModelConfig) -> ParameterCount:
         else:
             total += swiglu * cfg.dense_ffn_dim
             active += swiglu * cfg.dense_ffn_dim
-    return ParameterCount(total=total, active=active)
+    vision = vision_parameter_count(cfg.vision, cfg.dim) if cfg.vision.enabled else 0
+    return ParameterCount(total=total + vision, active=active + vision)
+
+
+def vision_parameter_count(cfg: VisionConfig, text_dim: int) -> int:
+    """ViT (patch embedding, class token, positions, pre/post LayerNorm, blocks with biases),
+    pixel-shuffle adapter MLP and the projector into the text width."""
+    d = cfg.dim
+    patches = cfg.patches_per_side**2
+    embedding = cfg.n_channels * cfg.patch_size**2 * d + d + (patches + 1) * d + 4 * d
+    block = 4 * (d * d + d) + 2 * d * cfg.ffn_dim + cfg.ffn_dim + d + 4 * d
+    shuffled = int(d / cfg.pixel_shuffle_ratio**2)  # channels after pixel shuffle
+    adapter = shuffled * cfg.adapter_dim + cfg.adapter_dim * cfg.output_dim
+    projector = cfg.output_dim * text_dim
+    return embedding + cfg.n_layers * block + adapter + projector
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:

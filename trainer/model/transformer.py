@@ -86,7 +86,6 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg, i) for i in range(cfg.n_layers)})
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        self.register_buffer("rope_inv_freq", rope_inverse_frequencies(cfg), persistent=False)
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -98,7 +97,6 @@ class Transformer(nn.Module):
         self.norm.init_weights()
         head_std = self.cfg.dim**-0.5
         nn.init.trunc_normal_(self.output.weight, std=head_std, a=-3 * head_std, b=3 * head_std)
-        self.rope_inv_freq.copy_(rope_inverse_frequencies(self.cfg))
 
     def moe_layers(self) -> dict[int, MoE]:
         return {
@@ -125,7 +123,10 @@ class Transformer(nn.Module):
             )
         if document_ids_BS is None:
             document_ids_BS = torch.zeros_like(tokens_BS)
-        inputs = build_attention_inputs(self.cfg, self.rope_inv_freq, positions_BS, document_ids_BS)
+        # Recomputed per forward (head_dim / 2 values) so it stays float32 whatever dtype the
+        # module is cast to, as in the reference implementation.
+        inv_freq = rope_inverse_frequencies(self.cfg).to(tokens_BS.device)
+        inputs = build_attention_inputs(self.cfg, inv_freq, positions_BS, document_ids_BS)
         h = self.tok_embeddings(tokens_BS) if embeddings_BSD is None else embeddings_BSD
         router_loss = h.new_zeros((), dtype=torch.float32)
         for block in self.layers.values():
