@@ -21,9 +21,10 @@ FAST = [
 
 
 def run_trainer(
-    run_dir: Path, *overrides: str, nproc: int = 1, check: bool = True
+    run_dir: Path, *overrides: str, nproc: int = 1, check: bool = True, config: Path | None = None
 ) -> subprocess.CompletedProcess:
-    args = ["-m", "trainer.train", *FAST, f"--training.run_dir={run_dir}", *overrides]
+    config_args = ["--config", str(config)] if config else []
+    args = ["-m", "trainer.train", *config_args, *FAST, f"--training.run_dir={run_dir}", *overrides]
     if nproc > 1:
         launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
         args = [*launcher, *args]

@@ -26,30 +26,47 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.distributed.checkpoint.stateful import Stateful
 
 COMPLETE_MARKER = "COMPLETE"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
-class ModelAndOptimizer(Stateful):
-    """Model and optimizer state keyed by unsharded parameter names (reshardable)."""
+class ModelState(Stateful):
+    """Model weights keyed by unsharded parameter names (reshardable)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def state_dict(self) -> dict[str, Any]:
+        return get_model_state_dict(self.model)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        set_model_state_dict(self.model, state)
+
+
+class OptimizerState(Stateful):
+    """Optimizer state keyed by unsharded parameter names (reshardable)."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
         self.model, self.optimizer = model, optimizer
 
     def state_dict(self) -> dict[str, Any]:
-        model_state, optim_state = get_state_dict(self.model, self.optimizer)
-        return {"model": model_state, "optim": optim_state}
+        return get_optimizer_state_dict(self.model, self.optimizer)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        set_state_dict(
-            self.model,
-            self.optimizer,
-            model_state_dict=state["model"],
-            optim_state_dict=state["optim"],
-        )
+        set_optimizer_state_dict(self.model, self.optimizer, state)
+
+
+def load_model_weights(path: str, model: nn.Module) -> None:
+    """Only the model weights of a checkpoint (a run's or one written by trainer.convert)."""
+    dcp.load({"model": ModelState(model)}, storage_reader=_reader(path))
 
 
 class CheckpointManager:

@@ -86,6 +86,9 @@ class CheckpointConfig:
     """Keep the newest this many complete checkpoints; 0 keeps all."""
     resume: bool = True
     """Resume from the newest complete checkpoint in run_dir/checkpoints if there is one."""
+    init_from: str = ""
+    """Model weights to start from when there is nothing to resume: a checkpoint directory (a
+    run's `checkpoints/step-N` or one written by `python -m trainer.convert from-hf`)."""
 
 
 @dataclass

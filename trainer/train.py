@@ -23,7 +23,12 @@ from data.packing import IGNORE_INDEX, PackedRows
 from data.tokenizer import build_tokenizer
 from parallel.fsdp import apply_fsdp
 from parallel.mesh import DistributedContext, ParallelDims, all_reduce_sum, init_distributed
-from trainer.checkpoint import CheckpointManager, ModelAndOptimizer
+from trainer.checkpoint import (
+    CheckpointManager,
+    ModelState,
+    OptimizerState,
+    load_model_weights,
+)
 from trainer.config import Config, ConfigError, load_config, split_cli, to_toml
 from trainer.metrics import MetricsLogger, collect_expert_loads, expert_load_metrics, format_console
 from trainer.model.config import count_parameters, flops_per_token
@@ -68,7 +73,11 @@ class Trainer:
     micro_batches: int
 
     def checkpoint_state(self) -> dict[str, Stateful]:
-        return {"model_optim": ModelAndOptimizer(self.model, self.optimizer), "train": self.state}
+        return {
+            "model": ModelState(self.model),
+            "optim": OptimizerState(self.model, self.optimizer),
+            "train": self.state,
+        }
 
 
 def resolve_device_type(device: str) -> str:
@@ -188,12 +197,18 @@ def balance_experts(trainer: Trainer) -> dict[int, torch.Tensor]:
 
 
 def resume(trainer: Trainer) -> None:
+    """Continue from the newest complete checkpoint, else start from `checkpoint.init_from`."""
     step = trainer.checkpoints.latest_step() if trainer.cfg.checkpoint.resume else None
-    if step is None:
+    if step is not None:
+        trainer.checkpoints.load(step, trainer.checkpoint_state())
+        message = f"resumed from {trainer.checkpoints.step_dir(step)}"
+    elif trainer.cfg.checkpoint.init_from:
+        load_model_weights(trainer.cfg.checkpoint.init_from, trainer.model)
+        message = f"initial weights from {trainer.cfg.checkpoint.init_from}"
+    else:
         return
-    trainer.checkpoints.load(step, trainer.checkpoint_state())
     if trainer.ctx.rank == 0:
-        print(f"resumed from {trainer.checkpoints.step_dir(step)}", flush=True)
+        print(message, flush=True)
 
 
 def should_save(trainer: Trainer, step: int, last_step: int) -> bool:
