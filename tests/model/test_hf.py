@@ -140,3 +140,38 @@ def test_nonzero_expert_bias_refuses_silent_export(converted):
     with pytest.raises(ValueError, match="drop_expert_bias"):
         to_hf(ours, cfg, tmp_path / "biased")
     to_hf(ours, cfg, tmp_path / "biased", drop_expert_bias=True)
+
+
+def test_multimodal_checkpoint_loads_matches_and_round_trips(tmp_path):
+    """A transformers Llama4ForConditionalGeneration (released layout) -> ours -> HF."""
+    image_token, tile = 90, 56
+    config = transformers.Llama4Config(
+        text_config=dict(MAVERICK_LIKE, num_hidden_layers=2, no_rope_layer_interval=2),
+        vision_config=dict(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+            image_size=tile, patch_size=14, projector_input_dim=48, projector_output_dim=48,
+            vision_output_dim=48, pixel_shuffle_ratio=0.5,
+        ),
+        image_token_index=image_token, boi_token_index=88, eoi_token_index=89,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    reference = transformers.Llama4ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for param in reference.parameters():
+            param.add_(torch.randn_like(param) * 0.05)
+    reference.save_pretrained(tmp_path / "hf")
+    cfg, ours = from_hf(tmp_path / "hf")
+    assert cfg.vision.enabled and cfg.vision.image_token_id == image_token
+
+    patches = cfg.vision.tokens_per_tile
+    tokens = torch.tensor([[5, 6, 88, 89, *[image_token] * patches, 89, 7, 8]])
+    pixels = torch.randn(1, 3, tile, tile)
+    expected = reference(input_ids=tokens, pixel_values=pixels).logits
+    actual = ours.eval()(tokens, pixel_values=pixels).logits_BSV
+    assert (actual - expected).abs().max().item() <= 1e-4
+
+    to_hf(ours, cfg, tmp_path / "back")
+    original, back = read_safetensors(tmp_path / "hf"), read_safetensors(tmp_path / "back")
+    assert original.keys() == back.keys()
+    assert all(torch.equal(t, back[n]) for n, t in original.items())
+    transformers.Llama4ForConditionalGeneration.from_pretrained(tmp_path / "back")

@@ -37,10 +37,53 @@ class VisionConfig:
     output_dim: int = 4096
     """Adapter output width, the projector input [projector_output_dim, vision_output_dim]."""
     rope_theta: float = 10000.0
+    """Base of the 2D RoPE over patch (column, row) coordinates [rope_parameters.rope_theta]."""
+    image_token_id: int = 200092
+    """The `<|patch|>` token whose positions receive image features [Llama4Config
+    image_token_index, outside the vision config]."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        positive = (
+            "dim", "n_layers", "n_heads", "ffn_dim", "image_size", "patch_size", "n_channels",
+            "adapter_dim", "output_dim", "norm_eps", "rope_theta",
+        )  # fmt: skip
+        for key in positive:
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"model.vision.{key} must be positive, got {getattr(self, key)}")
+        if self.dim % self.n_heads or (self.dim // self.n_heads) % 4:
+            raise ConfigError(
+                f"model.vision.dim ({self.dim}) must be model.vision.n_heads ({self.n_heads}) "
+                "times a head width divisible by 4 (the 2D RoPE gives half of each head's "
+                "rotary pairs to columns, half to rows)"
+            )
+        if self.image_size % self.patch_size:
+            raise ConfigError(
+                f"model.vision.image_size ({self.image_size}) must be a multiple of "
+                f"model.vision.patch_size ({self.patch_size})"
+            )
+        factor = 1 / self.pixel_shuffle_ratio if self.pixel_shuffle_ratio > 0 else 0.0
+        if factor < 1 or factor != round(factor) or self.patches_per_side % round(factor):
+            raise ConfigError(
+                "model.vision.pixel_shuffle_ratio must be 1/k for an integer k dividing "
+                f"image_size // patch_size = {self.patches_per_side} (so that the adapter input "
+                f"dim / ratio^2 is integral), got {self.pixel_shuffle_ratio}"
+            )
+        if self.image_token_id < 0:
+            raise ConfigError(
+                f"model.vision.image_token_id must be >= 0, got {self.image_token_id}"
+            )
 
     @property
     def patches_per_side(self) -> int:
         return self.image_size // self.patch_size
+
+    @property
+    def shuffle_factor(self) -> int:
+        """Pixel shuffle merges shuffle_factor x shuffle_factor patches into one token."""
+        return round(1 / self.pixel_shuffle_ratio)
 
     @property
     def tokens_per_tile(self) -> int:
@@ -172,8 +215,10 @@ def count_parameters(cfg: ModelConfig) -> ParameterCount:
         else:
             total += swiglu * cfg.dense_ffn_dim
             active += swiglu * cfg.dense_ffn_dim
+    # The vision tower runs on image tiles, not on every token, so it counts in the total only
+    # (as in Llama 4's published "109B total / 17B active").
     vision = vision_parameter_count(cfg.vision, cfg.dim) if cfg.vision.enabled else 0
-    return ParameterCount(total=total + vision, active=active + vision)
+    return ParameterCount(total=total + vision, active=active)
 
 
 def vision_parameter_count(cfg: VisionConfig, text_dim: int) -> int:

@@ -21,14 +21,23 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from trainer.model.config import ConfigError, ModelConfig
+from trainer.model.hf_vision import (
+    HF_PROJECTOR,
+    HF_VISION_PREFIX,
+    vision_config_from_hf,
+    vision_config_to_hf,
+    vision_state_from_hf,
+    vision_state_to_hf,
+)
 from trainer.model.transformer import Transformer
 
-# Prefixes of the text decoder's weights, per checkpoint layout: (body, output head).
+# Prefixes of the text decoder's weights, per checkpoint layout: (body, output head). Released
+# multimodal checkpoints and transformers' `save_pretrained` both use the second one.
 TEXT_LAYOUTS = {
     "causal_lm": ("model.", "lm_head.weight"),
-    "released_multimodal": ("language_model.model.", "language_model.lm_head.weight"),
-    "transformers_multimodal": ("model.language_model.", "lm_head.weight"),
+    "multimodal": ("language_model.model.", "language_model.lm_head.weight"),
 }
+MULTIMODAL_TEXT_PREFIX = "language_model."
 
 # Our name <-> HF name inside the text body; {i} is the layer index.
 _TEXT_NAMES = {
@@ -279,16 +288,14 @@ def checkpoint_names(path: Path) -> list[str]:
 def from_hf(path: str | Path, dtype: torch.dtype | None = None) -> tuple[ModelConfig, Transformer]:
     """Load an HF Llama 4 checkpoint directory into our model (in the stored dtype by default)."""
     path = Path(path)
-    hf_config = json.loads((path / "config.json").read_text())
-    text_hf = hf_config.get("text_config", hf_config)
-    cfg = text_config_from_hf(text_hf)
+    cfg = config_from_hf(json.loads((path / "config.json").read_text()))
     body, head = detect_text_layout(checkpoint_names(path))
     model = Transformer(cfg).to(dtype or _stored_dtype(path, head))
     params = dict(model.named_parameters())
     loaded: set[str] = set()
     with torch.no_grad():
         for name, tensor in iter_tensors(path):
-            for ours, cut in _placements(name, body, head):
+            for ours, cut in _placements(name, body, head, cfg.vision.enabled):
                 params[ours].copy_(cut(tensor))
                 loaded.add(ours)
     missing = sorted(set(params) - loaded)
@@ -305,12 +312,27 @@ def _stored_dtype(path: Path, name: str) -> torch.dtype:
     raise KeyError(name)
 
 
-def _placements(name: str, body: str, head: str) -> list[Placement]:
+def config_from_hf(hf_config: Mapping) -> ModelConfig:
+    """Text-only (`Llama4TextConfig`) or multimodal (`Llama4Config`) config.json contents."""
+    if "text_config" not in hf_config:
+        return text_config_from_hf(hf_config)
+    cfg = text_config_from_hf(hf_config["text_config"])
+    if hf_config.get("vision_config"):
+        image_token = hf_config.get("image_token_index", cfg.vision.image_token_id)
+        cfg.vision = vision_config_from_hf(hf_config["vision_config"], image_token)
+    return cfg
+
+
+def _placements(name: str, body: str, head: str, with_vision: bool) -> list[Placement]:
     if name == head:
         return [("output.weight", _whole)]
     if name.startswith(body):
         return text_placements(name[len(body) :])
-    return []  # another tower (vision, projector) or a layout's extra keys
+    if with_vision and (name == HF_PROJECTOR or name.startswith(HF_VISION_PREFIX)):
+        relative = name if name == HF_PROJECTOR else name[len(HF_VISION_PREFIX) :]
+        (ours,) = vision_state_from_hf({relative: None})
+        return [(ours, _whole)]
+    return []  # a tower this model does not build
 
 
 # --------------------------------------------------------------------------- writing
@@ -323,7 +345,8 @@ def to_hf(
     max_shard_bytes: int = 5 * 2**30,
     drop_expert_bias: bool = False,
 ) -> None:
-    """Write an HF `Llama4ForCausalLM` directory (config.json, safetensors shards + index).
+    """Write an HF directory (config.json, safetensors shards + index): `Llama4ForCausalLM`,
+    or `Llama4ForConditionalGeneration` when the model has a vision tower.
 
     HF Llama 4 has no aux-loss-free expert bias: a model trained with a non-zero bias routes
     differently without it, so writing one needs `drop_expert_bias=True`.
@@ -335,11 +358,32 @@ def to_hf(
             f"{len(biased)} MoE layers have a non-zero expert_bias (aux-loss-free balancing) "
             "that HF Llama 4 cannot represent; pass drop_expert_bias=True to write anyway"
         )
-    hf_state = text_state_to_hf(state)
-    dtype = next(iter(hf_state.values())).dtype
+    text = {k: v for k, v in state.items() if not k.startswith("vision.")}
+    vision = {k: v for k, v in state.items() if k.startswith("vision.")}
+    hf_state = text_state_to_hf(text)
     config = {**text_config_to_hf(cfg), "architectures": ["Llama4ForCausalLM"]}
-    config["torch_dtype"] = config["dtype"] = str(dtype).removeprefix("torch.")
+    if cfg.vision.enabled:
+        hf_state = {MULTIMODAL_TEXT_PREFIX + k: v for k, v in hf_state.items()}
+        for name, tensor in vision_state_to_hf(vision).items():
+            hf_state[name if name == HF_PROJECTOR else HF_VISION_PREFIX + name] = tensor
+        config = multimodal_config_to_hf(cfg)
+    dtype = str(next(iter(hf_state.values())).dtype).removeprefix("torch.")
+    config["torch_dtype"] = config["dtype"] = dtype
     write_hf_directory(Path(path), config, hf_state, max_shard_bytes)
+
+
+def multimodal_config_to_hf(cfg: ModelConfig) -> dict:
+    """An HF `Llama4Config` dict; begin/end-of-image ids are Llama 4's (used by HF's processor)."""
+    return {
+        "architectures": ["Llama4ForConditionalGeneration"],
+        "model_type": "llama4",
+        "text_config": text_config_to_hf(cfg),
+        "vision_config": vision_config_to_hf(cfg.vision),
+        "image_token_index": cfg.vision.image_token_id,
+        "boi_token_index": 200080,
+        "eoi_token_index": 200081,
+        "tie_word_embeddings": False,
+    }
 
 
 def write_hf_directory(

@@ -22,6 +22,7 @@ from trainer.model.config import ModelConfig
 from trainer.model.moe import FeedForward, MoE
 from trainer.model.numerics import upcast
 from trainer.model.rope import rope_inverse_frequencies
+from trainer.model.vision import VisionTower, fuse_image_features
 
 
 class RMSNorm(nn.Module):
@@ -86,6 +87,8 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg, i) for i in range(cfg.n_layers)})
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        # Early fusion: image features replace the embeddings at <|patch|> positions.
+        self.vision = VisionTower(cfg.vision, cfg.dim) if cfg.vision.enabled else None
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -97,6 +100,8 @@ class Transformer(nn.Module):
         self.norm.init_weights()
         head_std = self.cfg.dim**-0.5
         nn.init.trunc_normal_(self.output.weight, std=head_std, a=-3 * head_std, b=3 * head_std)
+        if self.vision is not None:
+            self.vision.init_weights(std)
 
     def moe_layers(self) -> dict[int, MoE]:
         return {
@@ -105,17 +110,29 @@ class Transformer(nn.Module):
             if isinstance(block.feed_forward, MoE)
         }
 
+    def fuse_images(
+        self, embeddings_BSD: torch.Tensor, tokens_BS: torch.Tensor, pixel_values: torch.Tensor
+    ) -> torch.Tensor:
+        if self.vision is None:
+            raise ValueError("pixel_values were given but model.vision.enabled is false")
+        features = self.vision(pixel_values)
+        return fuse_image_features(
+            embeddings_BSD, tokens_BS, features, self.cfg.vision.image_token_id
+        )
+
     def forward(
         self,
         tokens_BS: torch.Tensor,
         positions_BS: torch.Tensor | None = None,
         document_ids_BS: torch.Tensor | None = None,
         embeddings_BSD: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
     ) -> ModelOutput:
         """Logits for every position. Without positions/document ids each row is one document.
 
-        `embeddings_BSD`, when given, replaces the token embedding lookup (early fusion writes
-        image features into it; tests differentiate through it).
+        `embeddings_BSD`, when given, replaces the token embedding lookup (tests differentiate
+        through it). `pixel_values`, (tiles, channels, image_size, image_size) float, are encoded
+        and their features written, tile after tile, at the image-token positions of `tokens_BS`.
         """
         if positions_BS is None:
             positions_BS = torch.arange(tokens_BS.shape[1], device=tokens_BS.device).expand_as(
@@ -128,6 +145,8 @@ class Transformer(nn.Module):
         inv_freq = rope_inverse_frequencies(self.cfg).to(tokens_BS.device)
         inputs = build_attention_inputs(self.cfg, inv_freq, positions_BS, document_ids_BS)
         h = self.tok_embeddings(tokens_BS) if embeddings_BSD is None else embeddings_BSD
+        if pixel_values is not None:
+            h = self.fuse_images(h, tokens_BS, pixel_values)
         router_loss = h.new_zeros((), dtype=torch.float32)
         for block in self.layers.values():
             h, block_router_loss = block(h, inputs)
