@@ -9,7 +9,7 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from safetensors import safe_open  # noqa: E402
+from safetensors_dirs import read_safetensors  # noqa: E402
 
 from trainer.model.hf import from_hf, text_config_from_hf, text_config_to_hf, to_hf  # noqa: E402
 
@@ -82,14 +82,6 @@ def test_input_embedding_gradients_match_transformers(converted):
     expected = grad_of_loss(lambda e: reference(inputs_embeds=e).logits)
     actual = grad_of_loss(lambda e: ours(targets, embeddings_BSD=e).logits_BSV)
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-6)
-
-
-def read_safetensors(directory) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for file in sorted(directory.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            tensors.update({name: f.get_tensor(name) for name in f.keys()})  # noqa: SIM118
-    return tensors
 
 
 def test_round_trip_is_bit_identical(converted):

@@ -7,10 +7,10 @@ import sys
 
 import pytest
 import torch
+from safetensors_dirs import read_safetensors
 from trainer_runs import REPO, run_trainer
 
 transformers = pytest.importorskip("transformers")
-from safetensors import safe_open  # noqa: E402
 
 
 def convert(*args: str) -> None:
@@ -18,14 +18,6 @@ def convert(*args: str) -> None:
         [sys.executable, "-m", "trainer.convert", *map(str, args)],
         cwd=REPO, check=True, capture_output=True, text=True,
     )  # fmt: skip
-
-
-def tensors(directory) -> dict[str, torch.Tensor]:
-    out = {}
-    for file in sorted(directory.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            out.update({name: f.get_tensor(name) for name in f.keys()})  # noqa: SIM118
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +37,7 @@ def released(tmp_path_factory):
 
 def test_from_hf_then_to_hf_is_bit_identical(released):
     convert("to-hf", released / "ckpt", released / "back")
-    original, back = tensors(released / "hf"), tensors(released / "back")
+    original, back = read_safetensors(released / "hf"), read_safetensors(released / "back")
     assert original.keys() == back.keys()
     assert all(torch.equal(original[name], back[name]) for name in original)
 
@@ -61,7 +53,7 @@ def test_a_run_starts_from_converted_weights(released, tmp_path):
     )  # fmt: skip
     assert f"initial weights from {ckpt}" in result.stdout
     convert("to-hf", tmp_path / "run" / "checkpoints" / "step-1", tmp_path / "hf")
-    original, trained = tensors(released / "hf"), tensors(tmp_path / "hf")
+    original, trained = read_safetensors(released / "hf"), read_safetensors(tmp_path / "hf")
     assert all(torch.equal(original[name], trained[name]) for name in original)
     transformers.Llama4ForCausalLM.from_pretrained(tmp_path / "hf")  # loads cleanly
 
