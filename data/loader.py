@@ -1,26 +1,49 @@
 """A deterministic, resumable batch stream whose global order does not depend on the world size.
 
-Every rank runs the same packer over the same seeded document order, so all ranks see the same
-global stream of rows; rank r of W keeps rows [r * G / W, (r + 1) * G / W) of each global batch of
-G rows. The state is the packer's position, identical on every rank, so a checkpoint taken with
-one number of ranks resumes the same global stream with another.
+Every rank runs the same pipeline (mixture of per-language shuffled streams -> encode -> pack)
+over the same documents with the same seed, so all ranks see the same global stream of rows;
+rank r of W keeps rows [r * G / W, (r + 1) * G / W) of each global batch of G rows, with their
+image tiles. The state is the pipeline's position (a few integers per language), identical on
+every rank, so a checkpoint taken with one number of ranks resumes the same global stream with
+another. `BackgroundLoader` runs the pipeline in worker processes: worker w of k materialises
+global batches b = w (mod k) and only plans the others, so batches arrive in order.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+import multiprocessing as mp
+import queue
+from dataclasses import dataclass, field
+from typing import Any
 
-from data.packing import PackedRows, SequencePacker
-from data.shards import Document, expand_sources, iter_documents
-from data.tokenizer import Tokenizer
+import numpy as np
+
+from data.encode import encode_document
+from data.media import MediaConfig
+from data.mixture import mixture_from_config, share_report
+from data.packing import RowPacker, stack_rows
+from data.shards import Document, DocumentError, expand_sources, iter_documents
+from data.sources import MixtureSource
+from data.tokenizer import Tokenizer, build_tokenizer
 
 
-def load_documents(sources: list[str]) -> list[Document]:
-    """Every document of every source, in source order (sources are expanded and sorted)."""
-    documents = [doc for path in expand_sources(sources) for doc in iter_documents(path)]
-    if not documents:
-        raise ValueError(f"no documents found in data.sources = {sources}")
-    return documents
+@dataclass(frozen=True)
+class DataSpec:
+    """Everything that defines the global stream of rows (and nothing about the ranks)."""
+
+    sources: tuple[str, ...]
+    tokenizer: str
+    seq_len: int
+    global_batch_size: int
+    seed: int
+    mixture: str = "natural"
+    temperature: float = 1.0
+    unimax_max_epochs: float = 4.0
+    budget_tokens: int = 0
+    """Tokens the run will train on (UniMax spreads this budget)."""
+    on_error: str = "raise"
+    media: MediaConfig = field(default_factory=MediaConfig)
 
 
 @dataclass(frozen=True)
@@ -41,36 +64,229 @@ class RankSlice:
         return slice(self.rank * per_rank, (self.rank + 1) * per_rank)
 
 
+@dataclass
+class Batch:
+    """One rank's rows of a global batch, as numpy arrays."""
+
+    tokens: np.ndarray
+    document_ids: np.ndarray
+    positions: np.ndarray
+    labels: np.ndarray
+    pixel_values: np.ndarray | None
+    """(tiles, 3, H, W) float32 in the order of the rows' patch runs, or None without images."""
+    tile_rows: np.ndarray
+    """(tiles,) the row of each tile."""
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def select(self, rows: slice) -> Batch:
+        keep = (self.tile_rows >= rows.start) & (self.tile_rows < rows.stop)
+        pixels = None if self.pixel_values is None else self.pixel_values[keep]
+        return Batch(
+            self.tokens[rows],
+            self.document_ids[rows],
+            self.positions[rows],
+            self.labels[rows],
+            pixels if pixels is None or len(pixels) else None,
+            self.tile_rows[keep] - rows.start,
+        )
+
+
+@dataclass
+class Corpus:
+    documents: dict[str, list[Document]]
+    """Documents by language, in source order."""
+    skipped: dict[str, int]
+    """Records skipped while reading (data.on_error = "skip"), by reason."""
+
+
+def load_corpus(sources: tuple[str, ...], on_error: str) -> Corpus:
+    """Read every document; bad records and missing sources raise or are counted."""
+    skipped: dict[str, int] = {}
+
+    def count(reason: str) -> None:
+        skipped[reason] = skipped.get(reason, 0) + 1
+
+    paths: list[str] = []
+    for source in sources:
+        try:
+            paths += expand_sources([source])
+        except FileNotFoundError:
+            if on_error == "raise":
+                raise
+            count("missing_source")
+    documents: dict[str, list[Document]] = {}
+    for path in paths:
+        on_bad = None if on_error == "raise" else (lambda error: count("bad_record"))
+        try:
+            for document in iter_documents(path, on_error=on_bad):
+                documents.setdefault(document.lang, []).append(document)
+        except DocumentError:
+            if on_error == "raise":
+                raise
+            count("unreadable_shard")
+    if not documents:
+        raise ValueError(f"no documents found in data.sources = {list(sources)}")
+    return Corpus(documents, skipped)
+
+
+def token_counts(corpus: Corpus, tokenizer: Tokenizer) -> dict[str, int]:
+    """Text tokens per language, the basis of the mixture weights."""
+    return {
+        lang: sum(len(tokenizer.encode(doc.text)) + 2 for doc in docs)
+        for lang, docs in corpus.documents.items()
+    }
+
+
 class GlobalBatchLoader:
     """Yields this rank's share of each global batch of packed, document-masked rows."""
 
-    def __init__(
-        self,
-        documents: list[Document],
-        tokenizer: Tokenizer,
-        seq_len: int,
-        global_batch_size: int,
-        seed: int,
-        shard: RankSlice,
-    ):
-        self.documents = documents
-        self.tokenizer = tokenizer
-        self.global_batch_size = global_batch_size
-        self.shard = shard
-        self.rows = shard.rows(global_batch_size)
-        self.packer = SequencePacker(len(documents), self._tokenize, seq_len, seed)
+    def __init__(self, spec: DataSpec, shard: RankSlice, corpus: Corpus | None = None):
+        self.spec, self.shard = spec, shard
+        self.rows = shard.rows(spec.global_batch_size)
+        self.corpus = corpus or load_corpus(spec.sources, spec.on_error)
+        self.tokenizer = build_tokenizer(spec.tokenizer)
+        self.targets = mixture_from_config(
+            spec.mixture,
+            token_counts(self.corpus, self.tokenizer),
+            temperature=spec.temperature,
+            budget_tokens=spec.budget_tokens,
+            max_epochs=spec.unimax_max_epochs,
+        )
+        self.source = MixtureSource(
+            {lang: len(docs) for lang, docs in self.corpus.documents.items()},
+            self._encode,
+            self.targets,
+            spec.seed,
+            skip_bad=spec.on_error == "skip",
+        )
+        special = self.tokenizer.special
+        self.packer = RowPacker(
+            self.source, spec.seq_len, special.pad, special.patch, spec.on_error == "skip"
+        )
         self.batches_served = 0
 
-    def _tokenize(self, index: int) -> list[int]:
-        return self.tokenizer.encode(self.documents[index].text, bos=True, eos=True)
+    def _encode(self, lang: str, index: int):
+        return encode_document(self.corpus.documents[lang][index], self.tokenizer, self.spec.media)
 
-    def next_batch(self) -> PackedRows:
+    def next_batch(self, materialize: bool = True) -> Batch | None:
+        """The next global batch's rows for this rank; `materialize=False` only advances."""
+        rows = [self.packer.next_row() for _ in range(self.spec.global_batch_size)]
         self.batches_served += 1
-        return self.packer.next_rows(self.global_batch_size).select(self.rows)
+        if not materialize:
+            return None
+        mine = rows[self.rows]
+        arrays = stack_rows(mine, self.packer)
+        tiles = [(i, t) for i, row in enumerate(mine) for block in row.media for t in block]
+        pixels = np.stack([t for _, t in tiles]) if tiles else None
+        tile_rows = np.array([i for i, _ in tiles], dtype=np.int64)
+        return Batch(**arrays, pixel_values=pixels, tile_rows=tile_rows)
 
-    def state_dict(self) -> dict[str, int]:
-        return {**self.packer.state_dict(), "batches_served": self.batches_served}
+    def metrics(self) -> dict[str, float]:
+        """Global accounting (identical on every rank): packing, mixture, modality, skips."""
+        stats = self.packer.stats
+        metrics = {"data/packing_efficiency": stats.efficiency}
+        metrics.update(share_report(self.source.sampler.achieved_shares(), self.targets))
+        by_modality: dict[str, int] = {}
+        for key, n in stats.by_language_modality.items():
+            modality = key.rsplit("/", 1)[1]
+            by_modality[modality] = by_modality.get(modality, 0) + n
+        for modality, n in by_modality.items():
+            metrics[f"data/modality/{modality}/share"] = n / max(1, stats.tokens)
+        skipped = {**self.corpus.skipped, **self.source.skipped}
+        skipped["oversized_block"] = stats.oversized_documents
+        metrics.update({f"data/skipped/{reason}": float(n) for reason, n in skipped.items()})
+        return metrics
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.packer.load_state_dict(state)
-        self.batches_served = int(state["batches_served"])
+    def state_dict(self) -> dict[str, Any]:
+        return {"packer": copy.deepcopy(self.packer.state_dict()), "batches": self.batches_served}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.packer.load_state_dict(state["packer"])
+        self.batches_served = int(state["batches"])
+
+
+def _worker(spec, shard, state, worker, n_workers, batches: mp.Queue, stop) -> None:
+    loader = GlobalBatchLoader(spec, shard)
+    if state is not None:
+        loader.load_state_dict(state)
+    while not stop.is_set():
+        mine = loader.batches_served % n_workers == worker
+        batch = loader.next_batch(materialize=mine)
+        if mine:
+            item = (batch, loader.state_dict(), loader.metrics())
+            while not stop.is_set():
+                try:
+                    batches.put(item, timeout=0.5)
+                    break
+                except queue.Full:
+                    continue
+
+
+class BackgroundLoader:
+    """The same stream as GlobalBatchLoader, produced ahead by `num_workers` processes."""
+
+    def __init__(self, spec: DataSpec, shard: RankSlice, num_workers: int, prefetch: int = 2):
+        self.spec, self.shard = spec, shard
+        self.num_workers, self.prefetch = num_workers, prefetch
+        self._state: dict[str, Any] | None = None
+        self._metrics: dict[str, float] = {}
+        # Spawned, not forked: the training process holds threads (gloo, OpenMP) that a fork
+        # would copy in an undefined state.
+        self._context = mp.get_context("spawn")
+        self._workers: list[Any] = []
+
+    def _start(self) -> None:
+        """Start the workers at the current state (lazily: a resume first sets the state)."""
+        self.close()
+        self._stop = self._context.Event()
+        self._queues = [self._context.Queue(self.prefetch) for _ in range(self.num_workers)]
+        self._next = 0 if self._state is None else int(self._state["batches"])
+        self._workers = [
+            self._context.Process(
+                target=_worker,
+                args=(self.spec, self.shard, self._state, w, self.num_workers, q, self._stop),
+                daemon=True,
+            )
+            for w, q in enumerate(self._queues)
+        ]
+        for process in self._workers:
+            process.start()
+
+    def next_batch(self) -> Batch:
+        if not self._workers:
+            self._start()
+        source = self._queues[self._next % self.num_workers]
+        while True:
+            try:
+                batch, self._state, self._metrics = source.get(timeout=5.0)
+                break
+            except queue.Empty:
+                dead = [p.exitcode for p in self._workers if not p.is_alive()]
+                if dead:
+                    raise RuntimeError(f"a data loader worker died (exit codes {dead})") from None
+        self._next += 1
+        return batch
+
+    def metrics(self) -> dict[str, float]:
+        return self._metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        if self._state is None:
+            return GlobalBatchLoader(self.spec, self.shard).state_dict()
+        return self._state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.close()
+        self._state = state
+
+    def close(self) -> None:
+        if not self._workers:
+            return
+        self._stop.set()
+        for process in self._workers:
+            process.join(timeout=5)
+            if process.is_alive():
+                process.terminate()
+        self._workers = []

@@ -1,19 +1,23 @@
-"""Pack tokenized documents into fixed-length rows for document-masked training.
+"""Pack encoded documents into fixed-length rows for document-masked, early-fusion training.
 
-Greedy concatenate-and-split: documents are laid end to end, each row is filled to exactly
-`seq_len` tokens, and a document that does not fit continues at the start of the next row. No
-token is padded, dropped or repeated. Every row carries, per token:
-  - `document_ids`: 0, 1, 2, ... for each document piece in the row (attention never crosses them);
-  - `positions`: the offset inside that piece, restarting at 0 for each piece, so a continuation
+Documents are laid end to end and every row is filled to exactly `seq_len` tokens. Text may be
+cut anywhere: a document that does not fit continues at the start of the next row. An image (or
+video-frame) block is never cut: when it does not fit in what is left of a row, the row is
+padded and the block starts the next one; a document with a block longer than a whole row is
+skipped and counted (or raises, as the caller chooses). Every row carries, per token:
+  - `document_ids`: 0, 1, 2, ... for each document piece in the row, padding a piece of its own
+    (attention never crosses pieces);
+  - `positions`: the offset inside the piece, restarting at 0 for each piece, so a continuation
     is, for the model, a document of its own (rows stay self-contained);
-  - `labels`: the next token when it belongs to the same piece, else IGNORE_INDEX, so no token is
-    trained to predict the start of an unrelated document.
+  - `labels`: the next token when it belongs to the same piece, else IGNORE_INDEX; padding and
+    `<|patch|>` targets (image features are inputs, never predictions) are IGNORE_INDEX too.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -21,122 +25,202 @@ IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)
-class PackedRows:
-    """A batch of packed rows, each field an int64 array of shape (rows, seq_len)."""
+class EncodedDocument:
+    """A document as tokens, with the spans that must stay whole and what fills them."""
 
     tokens: np.ndarray
-    document_ids: np.ndarray
-    positions: np.ndarray
-    labels: np.ndarray
+    """int64 (n,): bos, text and media-block tokens, eos."""
+    lang: str = ""
+    blocks: tuple[tuple[int, int], ...] = ()
+    """[start, end) of each image / video-frame block, in order, non-overlapping."""
+    media: tuple[Any, ...] = ()
+    """One payload per block: whatever the loader needs to produce that block's pixels."""
+    name: str = ""
+    """Where it came from (file:line), for error messages."""
 
-    def __len__(self) -> int:
-        return len(self.tokens)
+    def block_starting_at(self, offset: int) -> int | None:
+        for index, (start, _) in enumerate(self.blocks):
+            if start == offset:
+                return index
+        return None
 
-    def select(self, rows: slice) -> PackedRows:
-        return PackedRows(
-            self.tokens[rows], self.document_ids[rows], self.positions[rows], self.labels[rows]
-        )
+    def next_block_start(self, offset: int) -> int:
+        starts = [start for start, _ in self.blocks if start > offset]
+        return min(starts, default=len(self.tokens))
+
+
+class DocumentSource(Protocol):
+    """A deterministic, resumable stream of encoded documents."""
+
+    def next_document(self) -> EncodedDocument: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 @dataclass
-class PackerState:
-    """Where the packer stands in the document order: all it needs to continue exactly."""
+class PackedRow:
+    tokens: np.ndarray
+    document_ids: np.ndarray
+    positions: np.ndarray
+    media: list[Any]
+    """The payloads of the blocks in this row, in token order."""
+    token_counts: dict[tuple[str, str], int]
+    """Non-pad tokens by (language, modality), modality "text" or "image"."""
 
-    epoch: int = 0
-    cursor: int = 0
-    """Index into this epoch's document order of the document being packed."""
-    offset: int = 0
-    """Tokens of that document already emitted."""
+
+@dataclass
+class PackingStats:
+    tokens: int = 0
+    padding: int = 0
+    oversized_documents: int = 0
+    by_language_modality: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def efficiency(self) -> float:
+        """Share of non-pad tokens among all tokens packed so far."""
+        total = self.tokens + self.padding
+        return self.tokens / total if total else 1.0
 
 
-class SequencePacker:
-    """Packs documents visited in a seeded, per-epoch shuffled order into rows of `seq_len`."""
+class OversizedBlockError(ValueError):
+    pass
+
+
+class RowPacker:
+    """Fills rows of `seq_len` from a document source; resumable at any row boundary."""
 
     def __init__(
         self,
-        num_documents: int,
-        tokenize: Callable[[int], Sequence[int]],
+        source: DocumentSource,
         seq_len: int,
-        seed: int,
+        pad_id: int,
+        patch_id: int,
+        skip_oversized: bool = False,
     ):
-        if num_documents <= 0:
-            raise ValueError("the packer needs at least one document")
-        self.num_documents = num_documents
-        self.tokenize = tokenize
+        self.source = source
         self.seq_len = seq_len
-        self.seed = seed
-        self.state = PackerState()
-        self._order = self._epoch_order(0)
-        self._current: tuple[int, Sequence[int]] | None = None
+        self.pad_id = pad_id
+        self.patch_id = patch_id
+        self.skip_oversized = skip_oversized
+        self.stats = PackingStats()
+        self._document: EncodedDocument | None = None
+        self._document_state = source.state_dict()
+        """The source's state just before the current document, to fetch it again on resume."""
+        self._offset = 0
 
-    def _epoch_order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.num_documents)
+    def _current(self) -> EncodedDocument:
+        while self._document is None:
+            self._document_state = self.source.state_dict()
+            document = self.source.next_document()
+            if not document.tokens.size:
+                raise ValueError(f"{document.name or 'a document'}: encoded to no tokens")
+            longest = max((end - start for start, end in document.blocks), default=0)
+            if longest <= self.seq_len:
+                self._document = document
+            elif self.skip_oversized:
+                self.stats.oversized_documents += 1
+            else:
+                raise OversizedBlockError(
+                    f"{document.name}: a media block of {longest} tokens does not fit in a row "
+                    f"of training.seq_len = {self.seq_len}"
+                )
+        return self._document
 
-    def _document_tokens(self) -> Sequence[int]:
-        index = int(self._order[self.state.cursor])
-        if self._current is None or self._current[0] != index:
-            tokens = self.tokenize(index)
-            if not tokens:
-                raise ValueError(f"document {index} tokenized to nothing")
-            self._current = (index, tokens)
-        return self._current[1]
+    def _unit_length(self, document: EncodedDocument, room: int) -> int:
+        """Tokens to take next: a whole block, or text up to the next block / the row end."""
+        block = document.block_starting_at(self._offset)
+        if block is not None:
+            start, end = document.blocks[block]
+            return end - start if end - start <= room else 0
+        return min(document.next_block_start(self._offset) - self._offset, room)
 
-    def _advance_document(self) -> None:
-        self.state.offset = 0
-        self.state.cursor += 1
-        if self.state.cursor == self.num_documents:
-            self.state.epoch += 1
-            self.state.cursor = 0
-            self._order = self._epoch_order(self.state.epoch)
-
-    def next_row(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        tokens = np.empty(self.seq_len, dtype=np.int64)
+    def next_row(self) -> PackedRow:
+        tokens = np.full(self.seq_len, self.pad_id, dtype=np.int64)
         document_ids = np.empty(self.seq_len, dtype=np.int64)
         positions = np.empty(self.seq_len, dtype=np.int64)
-        filled, piece = 0, 0
+        media: list[Any] = []
+        counts: dict[tuple[str, str], int] = {}
+        filled, piece, piece_start = 0, -1, 0
+        piece_document: EncodedDocument | None = None
         while filled < self.seq_len:
-            doc = self._document_tokens()
-            take = min(len(doc) - self.state.offset, self.seq_len - filled)
-            tokens[filled : filled + take] = doc[self.state.offset : self.state.offset + take]
-            document_ids[filled : filled + take] = piece
-            positions[filled : filled + take] = np.arange(take)
+            document = self._current()
+            take = self._unit_length(document, self.seq_len - filled)
+            if take == 0:  # a block that does not fit: pad, it opens the next row
+                break
+            if document is not piece_document:
+                piece, piece_start, piece_document = piece + 1, filled, document
+            block = document.block_starting_at(self._offset)
+            if block is not None:
+                media.append(document.media[block])
+            span = slice(filled, filled + take)
+            tokens[span] = document.tokens[self._offset : self._offset + take]
+            document_ids[span] = piece
+            positions[span] = np.arange(filled - piece_start, filled - piece_start + take)
+            key = (document.lang, "text" if block is None else "image")
+            counts[key] = counts.get(key, 0) + take
             filled += take
-            piece += 1
-            self.state.offset += take
-            if self.state.offset == len(doc):
-                self._advance_document()
-        return tokens, document_ids, positions
+            self._offset += take
+            if self._offset == len(document.tokens):
+                self._document, self._offset = None, 0
+        padding = self.seq_len - filled
+        document_ids[filled:] = piece + 1
+        positions[filled:] = np.arange(padding)
+        self._account(counts, padding)
+        return PackedRow(tokens, document_ids, positions, media, counts)
 
-    def next_rows(self, n_rows: int) -> PackedRows:
-        rows = [self.next_row() for _ in range(n_rows)]
-        tokens, document_ids, positions = (np.stack(parts) for parts in zip(*rows, strict=True))
-        return PackedRows(tokens, document_ids, positions, next_token_labels(tokens, document_ids))
+    def _account(self, counts: dict[tuple[str, str], int], padding: int) -> None:
+        self.stats.tokens += sum(counts.values())
+        self.stats.padding += padding
+        for (lang, modality), n in counts.items():
+            key = f"{lang}/{modality}"
+            self.stats.by_language_modality[key] = self.stats.by_language_modality.get(key, 0) + n
 
-    def state_dict(self) -> dict[str, int]:
+    def labels(self, rows: np.ndarray, document_ids: np.ndarray) -> np.ndarray:
+        """labels[t] = tokens[t + 1] in one piece, unless that is a patch or padding."""
+        labels = np.full_like(rows, IGNORE_INDEX)
+        same_piece = document_ids[:, 1:] == document_ids[:, :-1]
+        predictable = (rows[:, 1:] != self.patch_id) & (rows[:, 1:] != self.pad_id)
+        labels[:, :-1] = np.where(same_piece & predictable, rows[:, 1:], IGNORE_INDEX)
+        return labels
+
+    def state_dict(self) -> dict[str, Any]:
         return {
-            "epoch": self.state.epoch,
-            "cursor": self.state.cursor,
-            "offset": self.state.offset,
-            "num_documents": self.num_documents,
-            "seed": self.seed,
+            "document_state": self._document_state if self._document is not None else None,
+            "next_state": None if self._document is not None else self.source.state_dict(),
+            "offset": self._offset,
+            "stats": {
+                "tokens": self.stats.tokens,
+                "padding": self.stats.padding,
+                "oversized_documents": self.stats.oversized_documents,
+                "by_language_modality": dict(self.stats.by_language_modality),
+            },
         }
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        for key in ("num_documents", "seed"):
-            if int(state[key]) != getattr(self, key):
-                raise ValueError(
-                    f"data loader state was saved with {key}={state[key]}, but this run has "
-                    f"{key}={getattr(self, key)}: the data or seed changed, so the stream cannot "
-                    "be resumed exactly"
-                )
-        self.state = PackerState(int(state["epoch"]), int(state["cursor"]), int(state["offset"]))
-        self._order = self._epoch_order(self.state.epoch)
-        self._current = None
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        stats = state["stats"]
+        self.stats = PackingStats(
+            stats["tokens"],
+            stats["padding"],
+            stats["oversized_documents"],
+            dict(stats["by_language_modality"]),
+        )
+        self._document, self._offset = None, 0
+        if state["document_state"] is None:
+            self.source.load_state_dict(state["next_state"])
+            return
+        self.source.load_state_dict(state["document_state"])
+        self._current()
+        self._offset = int(state["offset"])
 
 
-def next_token_labels(tokens: np.ndarray, document_ids: np.ndarray) -> np.ndarray:
-    """labels[t] = tokens[t + 1] in one document piece, else (and at the end) IGNORE_INDEX."""
-    labels = np.full_like(tokens, IGNORE_INDEX)
-    same_piece = document_ids[:, 1:] == document_ids[:, :-1]
-    labels[:, :-1] = np.where(same_piece, tokens[:, 1:], IGNORE_INDEX)
-    return labels
+def stack_rows(rows: Sequence[PackedRow], packer: RowPacker) -> dict[str, np.ndarray]:
+    tokens = np.stack([row.tokens for row in rows])
+    document_ids = np.stack([row.document_ids for row in rows])
+    return {
+        "tokens": tokens,
+        "document_ids": document_ids,
+        "positions": np.stack([row.positions for row in rows]),
+        "labels": packer.labels(tokens, document_ids),
+    }

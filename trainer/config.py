@@ -30,6 +30,25 @@ class DataConfig:
     sources: list[str] = field(default_factory=lambda: ["data/sample/*.jsonl.zst"])
     """Document shards: paths, globs or fsspec URLs of .jsonl / .jsonl.zst files."""
     tokenizer: str = "byte"
+    """"byte", "tiktoken:PATH" (a Llama 4 style ranks file) or "hf:PATH" (a tokenizer.json)."""
+    mixture: str = "natural"
+    """Language mixture: "natural" (by tokens), "temperature" (p ~ tokens^(1/T)) or "unimax"."""
+    mixture_temperature: float = 1.0
+    unimax_max_epochs: float = 4.0
+    """UniMax: the most epochs any language is repeated over the run's token budget."""
+    on_error: str = "raise"
+    """Bad input: "raise" (the error names the file and line) or "skip" (counted by reason,
+    logged, and kept in checkpoints)."""
+    num_workers: int = 1
+    """Background worker processes producing batches; 0 produces them in the training process."""
+    prefetch: int = 2
+    """Batches each worker prepares ahead."""
+    max_tiles: int = 4
+    """Most 336-pixel tiles per image (plus the global thumbnail when more than one)."""
+    video_fps: float = 1.0
+    """Frames per second sampled from videos."""
+    max_frames: int = 8
+    """Most frames kept per video."""
 
 
 @dataclass
@@ -130,6 +149,10 @@ class Config:
         _require_choice("training.dtype", t.dtype, ("float32", "bfloat16"))
         _require_choice("training.device", t.device, ("auto", "cpu", "cuda"))
         _require_choice("optim.schedule", o.schedule, ("cosine", "wsd", "constant"))
+        _require_choice("data.mixture", self.data.mixture, ("natural", "temperature", "unimax"))
+        _require_choice("data.on_error", self.data.on_error, ("raise", "skip"))
+        if self.data.num_workers < 0 or self.data.prefetch < 1:
+            raise ConfigError("data.num_workers must be >= 0 and data.prefetch >= 1")
         _require_choice("precision.fp8.backend", self.precision.fp8.backend, ("off",))
         for key in ("steps", "global_batch_size", "seq_len"):
             if getattr(t, key) <= 0:

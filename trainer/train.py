@@ -7,6 +7,7 @@ complete checkpoint in `training.run_dir`.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from dataclasses import dataclass
@@ -18,8 +19,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.checkpoint.stateful import Stateful
 
-from data.loader import GlobalBatchLoader, RankSlice, load_documents
-from data.packing import IGNORE_INDEX, PackedRows
+from data.loader import BackgroundLoader, Batch, DataSpec, GlobalBatchLoader, RankSlice
+from data.media import MediaConfig
+from data.packing import IGNORE_INDEX
 from data.tokenizer import build_tokenizer
 from parallel.fsdp import apply_fsdp
 from parallel.mesh import DistributedContext, ParallelDims, all_reduce_sum, init_distributed
@@ -39,16 +41,19 @@ from trainer.optim import build_optimizer, lr_at, set_lr
 class TrainState(Stateful):
     """Everything besides model and optimizer that an exact resume needs."""
 
-    def __init__(self, loader: GlobalBatchLoader):
+    def __init__(self, loader: GlobalBatchLoader | BackgroundLoader):
         self.step = 0
         self.loader = loader
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "loader": self.loader.state_dict(), "rng": torch.get_rng_state()}
+        # The loader's state is nested and its shape varies (e.g. mid-document or not); DCP
+        # needs the same keys at save and load, so it travels as one JSON string.
+        loader = json.dumps(self.loader.state_dict(), sort_keys=True)
+        return {"step": self.step, "loader": loader, "rng": torch.get_rng_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
-        self.loader.load_state_dict(state["loader"])
+        self.loader.load_state_dict(json.loads(state["loader"]))
         torch.set_rng_state(state["rng"])
 
 
@@ -66,7 +71,7 @@ class Trainer:
     ctx: DistributedContext
     model: Transformer
     optimizer: torch.optim.Optimizer
-    loader: GlobalBatchLoader
+    loader: GlobalBatchLoader | BackgroundLoader
     state: TrainState
     checkpoints: CheckpointManager
     metrics: MetricsLogger
@@ -110,14 +115,7 @@ def build_trainer(cfg: Config, ctx: DistributedContext) -> Trainer:
     model.init_weights()
     dtype = torch.bfloat16 if t.dtype == "bfloat16" else torch.float32
     apply_fsdp(model, dims.build_mesh(ctx.device.type), dtype)
-    loader = GlobalBatchLoader(
-        load_documents(cfg.data.sources),
-        tokenizer,
-        t.seq_len,
-        t.global_batch_size,
-        t.seed,
-        RankSlice(dist.get_rank(), dims.dp_size),
-    )
+    loader = build_loader(cfg, RankSlice(dist.get_rank(), dims.dp_size))
     return Trainer(
         cfg=cfg,
         ctx=ctx,
@@ -131,12 +129,52 @@ def build_trainer(cfg: Config, ctx: DistributedContext) -> Trainer:
     )
 
 
-def to_device(rows: PackedRows, device: torch.device) -> dict[str, torch.Tensor]:
+def data_spec(cfg: Config) -> DataSpec:
+    d, t, vision = cfg.data, cfg.training, cfg.model.vision
+    return DataSpec(
+        sources=tuple(d.sources),
+        tokenizer=d.tokenizer,
+        seq_len=t.seq_len,
+        global_batch_size=t.global_batch_size,
+        seed=t.seed,
+        mixture=d.mixture,
+        temperature=d.mixture_temperature,
+        unimax_max_epochs=d.unimax_max_epochs,
+        budget_tokens=t.steps * t.global_batch_size * t.seq_len,
+        on_error=d.on_error,
+        media=MediaConfig(
+            tile_size=vision.image_size,
+            patch_size=vision.patch_size,
+            pixel_shuffle_ratio=vision.pixel_shuffle_ratio,
+            max_tiles=d.max_tiles,
+            video_fps=d.video_fps,
+            max_frames=d.max_frames,
+        ),
+    )
+
+
+def build_loader(cfg: Config, shard: RankSlice) -> GlobalBatchLoader | BackgroundLoader:
+    spec = data_spec(cfg)
+    if cfg.data.num_workers:
+        return BackgroundLoader(spec, shard, cfg.data.num_workers, cfg.data.prefetch)
+    return GlobalBatchLoader(spec, shard)
+
+
+def to_device(batch: Batch, device: torch.device, with_vision: bool) -> dict[str, torch.Tensor]:
     names = ("tokens", "document_ids", "positions", "labels")
-    return {name: torch.from_numpy(getattr(rows, name)).to(device) for name in names}
+    tensors = {name: torch.from_numpy(getattr(batch, name)).to(device) for name in names}
+    tensors["pixel_values"] = None
+    if batch.pixel_values is not None:
+        if not with_vision:
+            raise ValueError(
+                "the data has images or video but model.vision.enabled is false: enable the "
+                "vision tower or leave media shards out of data.sources"
+            )
+        tensors["pixel_values"] = torch.from_numpy(batch.pixel_values).to(device)
+    return tensors
 
 
-def train_step(trainer: Trainer, rows: PackedRows) -> StepResult:
+def train_step(trainer: Trainer, rows: Batch) -> StepResult:
     """Forward/backward over the micro-batches of this rank's rows, then one optimizer step.
 
     The cross-entropy is summed and divided by the GLOBAL number of valid labels; FSDP averages
@@ -147,8 +185,10 @@ def train_step(trainer: Trainer, rows: PackedRows) -> StepResult:
     model, device = trainer.model, trainer.ctx.device
     n_micro = trainer.micro_batches
     size = len(rows) // n_micro
+    with_vision = trainer.cfg.model.vision.enabled
     micro = [
-        to_device(rows.select(slice(i * size, (i + 1) * size)), device) for i in range(n_micro)
+        to_device(rows.select(slice(i * size, (i + 1) * size)), device, with_vision)
+        for i in range(n_micro)
     ]
     valid = torch.tensor(float(sum(int((m["labels"] != IGNORE_INDEX).sum()) for m in micro)))
     global_valid = all_reduce_sum(valid.to(device))  # note: a host sync before the first forward
@@ -157,7 +197,12 @@ def train_step(trainer: Trainer, rows: PackedRows) -> StepResult:
     dp_size = trainer.ctx.world_size
     router_weight = 1.0 / n_micro
     for batch in micro:
-        out = model(batch["tokens"], batch["positions"], batch["document_ids"])
+        out = model(
+            batch["tokens"],
+            batch["positions"],
+            batch["document_ids"],
+            pixel_values=batch["pixel_values"],
+        )
         ce_sum = F.cross_entropy(
             out.logits_BSV.float().flatten(0, 1),
             batch["labels"].flatten(),
@@ -245,6 +290,7 @@ def train_loop(trainer: Trainer) -> None:
                 "router_loss": result.router_loss,
                 "tokens_per_s": tokens_per_step * window_steps / elapsed,
                 **expert_load_metrics(loads),
+                **trainer.loader.metrics(),
             }
             if cfg.metrics.peak_flops_per_device:
                 peak = cfg.metrics.peak_flops_per_device * trainer.ctx.world_size
@@ -276,8 +322,12 @@ def train(cfg: Config) -> None:
         trainer = build_trainer(cfg, ctx)
         announce(trainer)
         resume(trainer)
-        train_loop(trainer)
-        trainer.metrics.close()
+        try:
+            train_loop(trainer)
+        finally:
+            trainer.metrics.close()
+            if isinstance(trainer.loader, BackgroundLoader):
+                trainer.loader.close()
     finally:
         dist.destroy_process_group()
 

@@ -29,7 +29,7 @@ SCRIPT_LETTERS = {
 
 @pytest.fixture(scope="module")
 def shipped() -> list:
-    files = expand_sources([str(SAMPLE_DIR)])
+    files = expand_sources([str(SAMPLE_DIR / "sample-*.jsonl.zst")])
     assert [Path(f).name for f in files] == [
         f"sample-{i:05d}-of-{NUM_SHARDS:05d}.jsonl.zst" for i in range(NUM_SHARDS)
     ]

@@ -120,6 +120,17 @@ class Transformer(nn.Module):
             embeddings_BSD, tokens_BS, features, self.cfg.vision.image_token_id
         )
 
+    def idle_vision_term(self, like: torch.Tensor) -> torch.Tensor:
+        """Zero that depends on every vision parameter, for a batch without images.
+
+        When some data-parallel ranks have images in a micro-batch and others do not, every
+        rank must still run the tower: sharded data parallelism gathers and reduces its
+        parameters collectively, and a rank that skipped it would leave the others waiting.
+        """
+        cfg = self.cfg.vision
+        blank = like.new_zeros(1, cfg.n_channels, cfg.image_size, cfg.image_size)
+        return self.vision(blank).sum() * 0.0
+
     def forward(
         self,
         tokens_BS: torch.Tensor,
@@ -147,6 +158,8 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens_BS) if embeddings_BSD is None else embeddings_BSD
         if pixel_values is not None:
             h = self.fuse_images(h, tokens_BS, pixel_values)
+        elif self.vision is not None and self.training:
+            h = h + self.idle_vision_term(h)
         router_loss = h.new_zeros((), dtype=torch.float32)
         for block in self.layers.values():
             h, block_router_loss = block(h, inputs)
