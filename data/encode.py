@@ -13,17 +13,22 @@ import numpy as np
 from data.languages import LANGUAGES
 from data.media import MediaConfig, MediaError, media_block
 from data.packing import EncodedDocument
+from data.pretokenized import TokenizedDocument
 from data.shards import Document
 from data.sources import BadDocument
 from data.tokenizer import SpecialTokens, Tokenizer
 
 
 def encode_document(
-    document: Document, tokenizer: Tokenizer, media: MediaConfig
+    document: Document | TokenizedDocument, tokenizer: Tokenizer, media: MediaConfig
 ) -> EncodedDocument:
     name = f"{document.source}:{document.line}"
     if document.lang not in LANGUAGES:
         raise BadDocument(name, "unknown_language", f"{document.lang!r} is not a FLORES-200 code")
+    if isinstance(document, TokenizedDocument):
+        if len(document.tokens) <= 2:
+            raise BadDocument(name, "empty_document", "no tokens between bos and eos")
+        return EncodedDocument(document.tokens, document.lang, name=name)
     special = tokenizer.special
     tokens = [special.bos]
     tiles: list[np.ndarray] = []

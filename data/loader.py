@@ -23,7 +23,14 @@ from data.encode import encode_document
 from data.media import MediaConfig
 from data.mixture import mixture_from_config, share_report
 from data.packing import RowPacker, stack_rows
-from data.shards import Document, DocumentError, expand_sources, iter_documents
+from data.pretokenized import TokenizedDocument, read_token_shard
+from data.shards import (
+    TOKEN_SHARD_SUFFIX,
+    Document,
+    DocumentError,
+    expand_sources,
+    iter_documents,
+)
 from data.sources import MixtureSource
 from data.tokenizer import Tokenizer, build_tokenizer
 
@@ -95,14 +102,17 @@ class Batch:
 
 @dataclass
 class Corpus:
-    documents: dict[str, list[Document]]
+    documents: dict[str, list[Document | TokenizedDocument]]
     """Documents by language, in source order."""
     skipped: dict[str, int]
     """Records skipped while reading (data.on_error = "skip"), by reason."""
 
 
-def load_corpus(sources: tuple[str, ...], on_error: str) -> Corpus:
-    """Read every document; bad records and missing sources raise or are counted."""
+def load_corpus(sources: tuple[str, ...], on_error: str, tokenizer_spec: str) -> Corpus:
+    """Read every document; bad records and missing sources raise or are counted.
+
+    JSON shards give `Document`s, pre-tokenized shards (`.tokens.zst`) `TokenizedDocument`s.
+    """
     skipped: dict[str, int] = {}
 
     def count(reason: str) -> None:
@@ -116,11 +126,15 @@ def load_corpus(sources: tuple[str, ...], on_error: str) -> Corpus:
             if on_error == "raise":
                 raise
             count("missing_source")
-    documents: dict[str, list[Document]] = {}
+    documents: dict[str, list[Document | TokenizedDocument]] = {}
     for path in paths:
         on_bad = None if on_error == "raise" else (lambda error: count("bad_record"))
         try:
-            for document in iter_documents(path, on_error=on_bad):
+            if path.endswith(TOKEN_SHARD_SUFFIX):
+                records = read_token_shard(path, tokenizer_spec)
+            else:
+                records = iter_documents(path, on_error=on_bad)
+            for document in records:
                 documents.setdefault(document.lang, []).append(document)
         except DocumentError:
             if on_error == "raise":
@@ -134,7 +148,12 @@ def load_corpus(sources: tuple[str, ...], on_error: str) -> Corpus:
 def token_counts(corpus: Corpus, tokenizer: Tokenizer) -> dict[str, int]:
     """Text tokens per language, the basis of the mixture weights."""
     return {
-        lang: sum(len(tokenizer.encode(doc.text)) + 2 for doc in docs)
+        lang: sum(
+            len(doc.tokens)
+            if isinstance(doc, TokenizedDocument)
+            else len(tokenizer.encode(doc.text)) + 2
+            for doc in docs
+        )
         for lang, docs in corpus.documents.items()
     }
 
@@ -145,7 +164,7 @@ class GlobalBatchLoader:
     def __init__(self, spec: DataSpec, shard: RankSlice, corpus: Corpus | None = None):
         self.spec, self.shard = spec, shard
         self.rows = shard.rows(spec.global_batch_size)
-        self.corpus = corpus or load_corpus(spec.sources, spec.on_error)
+        self.corpus = corpus or load_corpus(spec.sources, spec.on_error, spec.tokenizer)
         self.tokenizer = build_tokenizer(spec.tokenizer)
         self.targets = mixture_from_config(
             spec.mixture,

@@ -23,6 +23,8 @@ import fsspec
 import zstandard
 
 SUFFIXES = (".jsonl", ".jsonl.zst")
+TOKEN_SHARD_SUFFIX = ".tokens.zst"
+"""Pre-tokenized shards (data/pretokenized.py), found in directories next to JSON shards."""
 PART_TYPES = ("text", "image", "video")
 _GLOB_CHARS = frozenset("*?[")
 _READ_SIZE = 1 << 16
@@ -65,7 +67,8 @@ class Document:
 def expand_sources(sources: Sequence[str]) -> list[str]:
     """The shard files named by `sources`, in a deterministic order.
 
-    Each source is a file, a directory (its `.jsonl`/`.jsonl.zst` files, recursively), or a
+    Each source is a file, a directory (its `.jsonl`/`.jsonl.zst`/`.tokens.zst` files,
+    recursively), or a
     glob, as a local path or an fsspec URL. Sources keep their given order; the files of one
     source are sorted; a file named twice is kept at its first place. A source that matches
     no file raises FileNotFoundError naming it.
@@ -82,7 +85,7 @@ def _expand_source(source: str) -> list[str]:
         found = fs.glob(path, detail=True)
         matches = [p for p, info in found.items() if info["type"] == "file"]
     elif fs.isdir(path):
-        matches = [p for p in fs.find(path) if p.endswith(SUFFIXES)]
+        matches = [p for p in fs.find(path) if p.endswith((*SUFFIXES, TOKEN_SHARD_SUFFIX))]
     elif fs.isfile(path):
         matches = [path]
     else:
