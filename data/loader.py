@@ -226,21 +226,34 @@ class GlobalBatchLoader:
         self.batches_served = int(state["batches"])
 
 
+@dataclass(frozen=True)
+class WorkerFailure:
+    """Sent instead of a batch when a worker fails, so the trainer raises the real error."""
+
+    message: str
+
+
 def _worker(spec, shard, state, worker, n_workers, batches: mp.Queue, stop) -> None:
-    loader = GlobalBatchLoader(spec, shard)
-    if state is not None:
-        loader.load_state_dict(state)
+    try:
+        loader = GlobalBatchLoader(spec, shard)
+        if state is not None:
+            loader.load_state_dict(state)
+        while not stop.is_set():
+            mine = loader.batches_served % n_workers == worker
+            batch = loader.next_batch(materialize=mine)
+            if mine:
+                _put(batches, (batch, loader.state_dict(), loader.metrics()), stop)
+    except Exception as error:  # noqa: BLE001 (forwarded to the trainer, which raises it)
+        _put(batches, WorkerFailure(f"{type(error).__name__}: {error}"), stop)
+
+
+def _put(batches: mp.Queue, item: Any, stop) -> None:
     while not stop.is_set():
-        mine = loader.batches_served % n_workers == worker
-        batch = loader.next_batch(materialize=mine)
-        if mine:
-            item = (batch, loader.state_dict(), loader.metrics())
-            while not stop.is_set():
-                try:
-                    batches.put(item, timeout=0.5)
-                    break
-                except queue.Full:
-                    continue
+        try:
+            batches.put(item, timeout=0.5)
+            return
+        except queue.Full:
+            continue
 
 
 class BackgroundLoader:
@@ -279,12 +292,16 @@ class BackgroundLoader:
         source = self._queues[self._next % self.num_workers]
         while True:
             try:
-                batch, self._state, self._metrics = source.get(timeout=5.0)
+                item = source.get(timeout=5.0)
                 break
             except queue.Empty:
                 dead = [p.exitcode for p in self._workers if not p.is_alive()]
                 if dead:
                     raise RuntimeError(f"a data loader worker died (exit codes {dead})") from None
+        if isinstance(item, WorkerFailure):
+            self.close()
+            raise RuntimeError(f"data loader worker failed: {item.message}")
+        batch, self._state, self._metrics = item
         self._next += 1
         return batch
 
