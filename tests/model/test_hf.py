@@ -65,7 +65,7 @@ def test_logits_match_transformers(converted):
     tokens = torch.randint(0, 96, (2, SEQ))
     expected = reference(tokens).logits
     actual = ours(tokens).logits_BSV
-    assert (actual - expected).abs().max().item() <= 1e-4  # measured: ~2e-6
+    assert (actual - expected).abs().max().item() <= 1e-4  # measured: 6.3e-7 / 7.2e-7
 
 
 def test_input_embedding_gradients_match_transformers(converted):
