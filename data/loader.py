@@ -20,9 +20,10 @@ from typing import Any
 import numpy as np
 
 from data.encode import encode_document
+from data.languages import LANGUAGES
 from data.media import MediaConfig
 from data.mixture import mixture_from_config, share_report
-from data.packing import RowPacker, stack_rows
+from data.packing import EncodedDocument, RowPacker, stack_rows
 from data.pretokenized import TokenizedDocument, read_token_shard
 from data.shards import (
     TOKEN_SHARD_SUFFIX,
@@ -31,7 +32,7 @@ from data.shards import (
     expand_sources,
     iter_documents,
 )
-from data.sources import MixtureSource
+from data.sources import BadDocument, MixtureSource
 from data.tokenizer import Tokenizer, build_tokenizer
 
 
@@ -135,7 +136,16 @@ def load_corpus(sources: tuple[str, ...], on_error: str, tokenizer_spec: str) ->
             else:
                 records = iter_documents(path, on_error=on_bad)
             for document in records:
-                documents.setdefault(document.lang, []).append(document)
+                if document.lang in LANGUAGES:
+                    documents.setdefault(document.lang, []).append(document)
+                elif on_error == "raise":
+                    raise DocumentError(
+                        document.source,
+                        document.line,
+                        f"unknown language code {document.lang!r} (not FLORES-200)",
+                    )
+                else:
+                    count("unknown_language")
         except DocumentError:
             if on_error == "raise":
                 raise
@@ -181,13 +191,23 @@ class GlobalBatchLoader:
             skip_bad=spec.on_error == "skip",
         )
         special = self.tokenizer.special
-        self.packer = RowPacker(
-            self.source, spec.seq_len, special.pad, special.patch, spec.on_error == "skip"
-        )
+        self.packer = RowPacker(self.source, spec.seq_len, special.pad, special.patch)
         self.batches_served = 0
 
-    def _encode(self, lang: str, index: int):
-        return encode_document(self.corpus.documents[lang][index], self.tokenizer, self.spec.media)
+    def _encode(self, lang: str, index: int) -> EncodedDocument:
+        document = encode_document(
+            self.corpus.documents[lang][index], self.tokenizer, self.spec.media
+        )
+        # Checked here, before the mixture counts the document's tokens as served.
+        longest = max((end - start for start, end in document.blocks), default=0)
+        if longest > self.spec.seq_len:
+            raise BadDocument(
+                document.name,
+                "oversized_block",
+                f"a media block of {longest} tokens does not fit in a row of "
+                f"training.seq_len = {self.spec.seq_len}",
+            )
+        return document
 
     def next_batch(self, materialize: bool = True) -> Batch | None:
         """The next global batch's rows for this rank; `materialize=False` only advances."""
@@ -214,7 +234,6 @@ class GlobalBatchLoader:
         for modality, n in by_modality.items():
             metrics[f"data/modality/{modality}/share"] = n / max(1, stats.tokens)
         skipped = {**self.corpus.skipped, **self.source.skipped}
-        skipped["oversized_block"] = stats.oversized_documents
         metrics.update({f"data/skipped/{reason}": float(n) for reason, n in skipped.items()})
         return metrics
 
@@ -234,6 +253,9 @@ class WorkerFailure:
 
 
 def _worker(spec, shard, state, worker, n_workers, batches: mp.Queue, stop) -> None:
+    # Exit without waiting for unread batches to be flushed into the pipe (a batch of image
+    # tiles is larger than a pipe's buffer): a stopped worker's batches are never wanted.
+    batches.cancel_join_thread()
     try:
         loader = GlobalBatchLoader(spec, shard)
         if state is not None:
@@ -322,7 +344,11 @@ class BackgroundLoader:
             return
         self._stop.set()
         for process in self._workers:
-            process.join(timeout=5)
+            process.join(timeout=2)
             if process.is_alive():
                 process.terminate()
+                process.join()
+        for batches in self._queues:
+            batches.cancel_join_thread()
+            batches.close()
         self._workers = []

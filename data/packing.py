@@ -106,6 +106,8 @@ class RowPacker:
         self.skip_oversized = skip_oversized
         self.stats = PackingStats()
         self._document: EncodedDocument | None = None
+        self._fetched = 0
+        """Documents fetched so far: a new count is a new piece, even for an equal document."""
         self._document_state = source.state_dict()
         """The source's state just before the current document, to fetch it again on resume."""
         self._offset = 0
@@ -119,6 +121,7 @@ class RowPacker:
             longest = max((end - start for start, end in document.blocks), default=0)
             if longest <= self.seq_len:
                 self._document = document
+                self._fetched += 1
             elif self.skip_oversized:
                 self.stats.oversized_documents += 1
             else:
@@ -143,14 +146,14 @@ class RowPacker:
         media: list[Any] = []
         counts: dict[tuple[str, str], int] = {}
         filled, piece, piece_start = 0, -1, 0
-        piece_document: EncodedDocument | None = None
+        piece_document = -1
         while filled < self.seq_len:
             document = self._current()
             take = self._unit_length(document, self.seq_len - filled)
             if take == 0:  # a block that does not fit: pad, it opens the next row
                 break
-            if document is not piece_document:
-                piece, piece_start, piece_document = piece + 1, filled, document
+            if self._fetched != piece_document:
+                piece, piece_start, piece_document = piece + 1, filled, self._fetched
             block = document.block_starting_at(self._offset)
             if block is not None:
                 media.append(document.media[block])

@@ -20,6 +20,10 @@ from data.mixture import MixtureSampler
 from data.packing import EncodedDocument
 
 
+class ExhaustedStream(ValueError):
+    """Every document of a stream was bad: nothing left to serve from it."""
+
+
 class BadDocument(ValueError):
     """A document that cannot be encoded; `reason` is a short key for counting skips."""
 
@@ -54,7 +58,8 @@ class ShuffledSource:
         return np.random.default_rng([self.seed, self.stream, epoch]).permutation(self.n_documents)
 
     def next_document(self) -> EncodedDocument:
-        for _ in range(self.n_documents + 1):
+        # Up to two epochs of draws from the cursor visit every document at least once.
+        for _ in range(2 * self.n_documents):
             index = int(self._order[self.cursor])
             self._advance()
             try:
@@ -63,7 +68,10 @@ class ShuffledSource:
                 if not self.skip_bad:
                     raise
                 self.skipped[error.reason] = self.skipped.get(error.reason, 0) + 1
-        raise ValueError(f"every document of stream {self.stream} was skipped as bad")
+        raise ExhaustedStream(
+            f"every document of stream {self.stream} is bad (skips so far: {self.skipped}): "
+            "fix or remove its shards"
+        )
 
     def _advance(self) -> None:
         self.cursor += 1
@@ -100,6 +108,10 @@ class MixtureSource:
         if unknown:
             raise ValueError(f"mixture weights for languages without documents: {unknown[:5]}")
         self.skipped: dict[str, int] = {}
+        self.weights = dict(weights)
+        self.skip_bad = skip_bad
+        self.dropped: list[str] = []
+        """Languages left out since all their documents proved bad (with skip_bad only)."""
         self.sampler = MixtureSampler(weights)
         self.streams = {
             lang: ShuffledSource(
@@ -115,23 +127,46 @@ class MixtureSource:
         }
 
     def next_document(self) -> EncodedDocument:
-        lang = self.sampler.next_language()
-        document = self.streams[lang].next_document()
-        self.sampler.record(lang, len(document.tokens))
-        return document
+        while True:
+            lang = self.sampler.next_language()
+            try:
+                document = self.streams[lang].next_document()
+            except ExhaustedStream:
+                if not self.skip_bad:
+                    raise
+                self._drop(lang)
+                continue
+            self.sampler.record(lang, len(document.tokens))
+            return document
+
+    def _drop(self, lang: str) -> None:
+        """Serve the other languages, in their relative weights, from here on."""
+        self.dropped.append(lang)
+        self.skipped["language_without_usable_documents"] = len(self.dropped)
+        self.sampler = self._sampler_state(self.sampler.state_dict())
+
+    def _sampler_state(self, state: Mapping[str, Any]) -> MixtureSampler:
+        weights = {k: 0.0 if k in self.dropped else w for k, w in self.weights.items()}
+        if not any(weights.values()):
+            raise ExhaustedStream("every language of the mixture has only bad documents")
+        sampler = MixtureSampler(weights)
+        sampler.load_state_dict(state)
+        return sampler
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "sampler": self.sampler.state_dict(),
             "streams": {lang: s.state_dict() for lang, s in self.streams.items()},
             "skipped": dict(self.skipped),
+            "dropped": list(self.dropped),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         missing = sorted(set(self.streams) - set(state["streams"]))
         if missing:
             raise ValueError(f"data state has no stream for languages {missing[:5]}")
-        self.sampler.load_state_dict(state["sampler"])
+        self.dropped = list(state["dropped"])
+        self.sampler = self._sampler_state(state["sampler"])
         for lang, stream in self.streams.items():
             stream.load_state_dict(state["streams"][lang])
         self.skipped.clear()

@@ -332,14 +332,6 @@ def test_document_encoded_to_no_tokens_raises_naming_it():
         packer.next_row()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="RowPacker starts a new piece only when `document is not piece_document` (object "
-    "identity): a source that returns the same EncodedDocument object twice in a row (a "
-    "one-document stream, or a cached encode at an epoch boundary) gets both documents merged "
-    "into one piece: document_ids do not advance, positions do not restart, eos predicts bos",
-)
 def test_same_document_object_returned_twice_in_a_row_makes_two_pieces():
     document = make_document(0, 5)
 
