@@ -2,6 +2,7 @@
 
     python -m data.prepare sample --out data/sample [--seed N] [--max-languages N]
     python -m data.prepare scan SOURCES... [--out manifest.json] [--tokenizer byte]
+    python -m data.prepare tokenize SOURCES... --out DIR [--tokenizer byte]
 
 `sample` writes the multilingual corpus that ships in `data/sample/`: real text, in the
 language's own script, in 187 of the 204 FLORES-200 languages, from data that ships inside three
@@ -16,7 +17,11 @@ zstandard:
 They are dev dependencies, imported only by `sample`.
 
 `scan` reads shards and writes a JSON manifest: documents, bytes and tokens per language and
-in total, and the bad records with file:line and reason (it reads on past them, counting).
+in total, images and videos with their block tokens, and the bad records with file:line and
+reason (it reads on past them, counting).
+
+`tokenize` writes one pre-tokenized `.tokens.zst` shard per input shard (data/pretokenized.py)
+for the text documents; documents with media stay in the JSON shards.
 """
 
 from __future__ import annotations
@@ -34,8 +39,17 @@ from typing import Any
 import fsspec
 
 from data.languages import LANGUAGES
-from data.shards import DocumentError, expand_sources, iter_documents, write_documents
-from data.tokenizer import build_tokenizer
+from data.media import MediaConfig, MediaError, media_block
+from data.pretokenized import tokenize_documents, write_token_shard
+from data.shards import (
+    TOKEN_SHARD_SUFFIX,
+    Document,
+    DocumentError,
+    expand_sources,
+    iter_documents,
+    write_documents,
+)
+from data.tokenizer import Tokenizer, build_tokenizer
 
 NUM_SHARDS = 4
 SAMPLE_ZSTD_LEVEL = 19
@@ -488,9 +502,26 @@ def scan(sources: Sequence[str], tokenizer_name: str = "byte") -> dict[str, Any]
                 stats["documents"] += 1
                 stats["bytes"] += len(document.text.encode("utf-8"))
                 stats["tokens"] += len(tokenizer.encode(document.text, bos=True, eos=True))
+                _count_media(document, tokenizer, stats, bad)
         except DocumentError as error:  # a damaged file: the rest of it is unreadable
             bad.append(error)
     return _manifest(files, tokenizer_name, per_language, bad)
+
+
+def _count_media(
+    document: Document, tokenizer: Tokenizer, stats: Counter[str], bad: list[DocumentError]
+) -> None:
+    """Per modality: media parts and the tokens of their blocks (default MediaConfig)."""
+    for part in document.content or ():
+        if part["type"] == "text":
+            continue
+        try:
+            block = media_block(part, tokenizer.special, MediaConfig())
+        except MediaError as error:
+            bad.append(DocumentError(document.source, document.line, f"{part['type']}: {error}"))
+            continue
+        stats[f"{part['type']}s"] += 1
+        stats[f"{part['type']}_tokens"] += len(block.tokens)
 
 
 def _manifest(
@@ -503,8 +534,11 @@ def _manifest(
     return {
         "files": files,
         "tokenizer": tokenizer_name,
-        "tokens_note": "per document: its text's tokens plus bos and eos",
-        "total": {key: total[key] for key in ("documents", "bytes", "tokens")},
+        "tokens_note": (
+            "tokens: per document its text's tokens plus bos and eos; image_tokens / "
+            "video_tokens: the media blocks' tokens (336-pixel tiles, up to 4 per image)"
+        ),
+        "total": dict(sorted(total.items())),
         "languages": {lang: dict(per_language[lang]) for lang in sorted(per_language)},
         "unknown_languages": sorted(lang for lang in per_language if lang not in LANGUAGES),
         "bad_records": {
@@ -536,6 +570,12 @@ def _parser() -> argparse.ArgumentParser:
     scan_cmd.add_argument("sources", nargs="+", help="files, directories, globs or URLs")
     scan_cmd.add_argument("--out", help="write the manifest here (path or fsspec URL)")
     scan_cmd.add_argument("--tokenizer", default="byte", help="tokenizer that counts tokens")
+    tokenize = commands.add_parser(
+        "tokenize", help="write pre-tokenized .tokens.zst shards (text documents)"
+    )
+    tokenize.add_argument("sources", nargs="+", help="files, directories, globs or URLs")
+    tokenize.add_argument("--out", required=True, help="output directory (path or fsspec URL)")
+    tokenize.add_argument("--tokenizer", default="byte", help="the run's data.tokenizer")
     return parser
 
 
@@ -581,10 +621,27 @@ def _problems(manifest: dict[str, Any]) -> Iterator[str]:
         yield f"warning: language {lang!r} is not a FLORES-200 code"
 
 
+def _run_tokenize(args: argparse.Namespace) -> int:
+    """One `.tokens.zst` shard per input shard; documents with media stay in the JSON shards."""
+    tokenizer = build_tokenizer(args.tokenizer)
+    fs, out = fsspec.core.url_to_fs(args.out)
+    fs.makedirs(out, exist_ok=True)
+    for path in expand_sources(args.sources):
+        stem = path.rsplit("/", 1)[-1].removesuffix(".zst").removesuffix(".jsonl")
+        target = f"{args.out.rstrip('/')}/{stem}{TOKEN_SHARD_SUFFIX}"
+        documents = list(iter_documents(path))
+        written = write_token_shard(
+            target, tokenize_documents(documents, tokenizer), args.tokenizer
+        )
+        print(f"{target}: {written} documents ({len(documents) - written} with media left out)")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    commands = {"sample": _run_sample, "scan": _run_scan, "tokenize": _run_tokenize}
     try:
-        return _run_sample(args) if args.command == "sample" else _run_scan(args)
+        return commands[args.command](args)
     except FileNotFoundError as error:  # a mistyped source: one line, not a traceback
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -9,6 +11,8 @@ from data.loader import DataSpec, GlobalBatchLoader, RankSlice
 from data.pretokenized import read_token_shard, tokenize_documents, write_token_shard
 from data.shards import expand_sources, iter_documents, write_documents
 from data.tokenizer import ByteTokenizer
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -68,3 +72,15 @@ def test_loader_gives_the_same_batches_from_token_shards(json_shards, tmp_path):
     for a, b in zip(from_json, from_tokens, strict=True):
         assert np.array_equal(a.tokens, b.tokens) and np.array_equal(a.labels, b.labels)
         assert np.array_equal(a.document_ids, b.document_ids)
+
+
+def test_prepare_tokenize_and_scan_cli(json_shards, tmp_path):
+    from data.prepare import main, scan
+
+    out = tmp_path / "cli"
+    assert main(["tokenize", str(json_shards / "*.jsonl*"), "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["a.tokens.zst", "b.tokens.zst"]
+    assert len(read_token_shard(str(out / "b.tokens.zst"), "byte")) == 9
+    media = scan([str(REPO / "data" / "sample" / "media-*.jsonl.zst")])
+    assert media["total"]["images"] >= 6 and media["total"]["videos"] == 1
+    assert media["total"]["image_tokens"] > 144 * media["total"]["images"]
