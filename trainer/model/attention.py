@@ -41,6 +41,9 @@ class SegmentLayout:
     buckets: tuple[SegmentBucket, ...]
     scatter_index: torch.Tensor
     """(T,) the slot of each token in the concatenation of all buckets' padded slots."""
+    uniform_length: int | None = None
+    """Set when every segment has this length: the stream is then a plain reshape, no gather
+    (rows without document boundaries, cut only at attention chunks)."""
 
 
 def build_segment_layout(
@@ -59,6 +62,10 @@ def build_segment_layout(
     starts[::seq_len] = True
     start_T = starts.nonzero().squeeze(1)
     length_T = torch.diff(start_T, append=torch.tensor([n_tokens]))
+    if bool((length_T == length_T[0]).all()):
+        length = int(length_T[0])
+        uniform = SegmentBucket(torch.arange(n_tokens, device=device), len(length_T), length)
+        return SegmentLayout((uniform,), torch.arange(n_tokens, device=device), length)
     bucket_key = torch.ceil(torch.log2(length_T.double())).long()
 
     buckets, gathers = [], []
@@ -83,6 +90,16 @@ def segment_causal_attention(
 ) -> torch.Tensor:
     """Causal attention inside each segment of `layout`; tokens of different segments never meet."""
     n_heads, head_dim = q_THD.shape[1:]
+    if layout.uniform_length is not None:
+        length = layout.uniform_length
+
+        def segments(x: torch.Tensor) -> torch.Tensor:
+            return x.view(-1, length, *x.shape[1:]).transpose(1, 2)
+
+        out_NHPD = F.scaled_dot_product_attention(
+            segments(q_THD), segments(k_TKD), segments(v_TKD), is_causal=True, enable_gqa=True
+        )
+        return out_NHPD.transpose(1, 2).reshape(-1, n_heads, head_dim)
 
     def with_zero_row(x: torch.Tensor) -> torch.Tensor:
         return torch.cat([x, x.new_zeros(1, *x.shape[1:])])
