@@ -134,16 +134,22 @@ def measure_corpus(spec: DataSpec):
     return corpus, info
 
 
-def measure_in_process(spec: DataSpec, corpus, batches: int, warmup: int) -> dict[str, Any]:
-    loader = GlobalBatchLoader(spec, ALL_ROWS, corpus)
-    for _ in range(warmup):
-        loader.next_batch()
+def time_batches(loader: GlobalBatchLoader | BackgroundLoader, batches: int):
+    """Seconds each of `batches` next_batch() calls took, and the image tiles they carried."""
     times, tiles = [], 0
     for _ in range(batches):
         start = time.perf_counter()
         batch = loader.next_batch()
         times.append(time.perf_counter() - start)
         tiles += n_tiles(batch)
+    return times, tiles
+
+
+def measure_in_process(spec: DataSpec, corpus, batches: int, warmup: int) -> dict[str, Any]:
+    loader = GlobalBatchLoader(spec, ALL_ROWS, corpus)
+    for _ in range(warmup):
+        loader.next_batch()
+    times, tiles = time_batches(loader, batches)
     result = timing_summary(times, tokens_per_batch(spec), tiles)
     result["warmup"] = warmup
     metrics = loader.metrics()
@@ -181,12 +187,7 @@ def measure_background(
         startup_s = time.perf_counter() - start
         for _ in range(warmup):
             loader.next_batch()
-        times, tiles = [], 0
-        for _ in range(batches):
-            start = time.perf_counter()
-            batch = loader.next_batch()
-            times.append(time.perf_counter() - start)
-            tiles += n_tiles(batch)
+        times, tiles = time_batches(loader, batches)
     finally:
         loader.close()
     result = timing_summary(times, tokens_per_batch(spec), tiles)
