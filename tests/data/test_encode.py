@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from data.encode import encode_document, image_spans, split_tiles
-from data.media import MediaConfig, media_block, sample_frame_indices, sample_media_records
+from data.media import MediaConfig, media_block, sample_frame_indices
+from data.sample_media import sample_media_records
 from data.shards import Document, parse_record
 from data.sources import BadDocument
 from data.tokenizer import ByteTokenizer

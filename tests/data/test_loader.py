@@ -20,7 +20,8 @@ from data.loader import (
     load_corpus,
     token_counts,
 )
-from data.media import MediaConfig, media_block, sample_media_records
+from data.media import MediaConfig, media_block
+from data.sample_media import sample_media_records
 from data.shards import DocumentError, write_documents
 from data.sources import BadDocument
 from data.tokenizer import ByteTokenizer

@@ -21,12 +21,11 @@ from data.media import (
     patchify,
     resized_size,
     sample_frame_indices,
-    sample_media_records,
     tile_image,
     unpatchify,
     video_block,
-    write_sample_media,
 )
+from data.sample_media import sample_media_records, write_sample_media
 from data.shards import iter_documents
 from data.tokenizer import ByteTokenizer
 
