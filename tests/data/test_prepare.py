@@ -8,7 +8,8 @@ from types import SimpleNamespace
 import pytest
 
 from data.languages import LANGUAGES
-from data.prepare import (
+from data.prepare import main
+from data.sample_corpus import (
     CLDR_LOCALES,
     ISO_CODES_LOCALES,
     NUM_SHARDS,
@@ -18,7 +19,6 @@ from data.prepare import (
     UNCOVERED,
     _iso_codes_texts,
     _specimen_lines,
-    main,
     sample_records,
     sample_sources,
 )
