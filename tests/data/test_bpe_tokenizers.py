@@ -23,21 +23,19 @@ import regex
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as HFRawTokenizer
 
-from data.shards import Document, expand_sources, iter_documents
-from data.tokenizer import (
+from data.bpe_tokenizers import (
     FRAME_SEPARATOR_SLOT_NAME,
     LLAMA4_NUM_SPECIAL_TOKENS,
     LLAMA4_PAT_STR,
     LLAMA4_SPECIAL_OFFSETS,
     LLAMA4_SPECIAL_TOKEN_STRINGS,
-    ByteTokenizer,
     HFTokenizer,
-    SpecialTokens,
     TiktokenTokenizer,
-    build_tokenizer,
     llama4_special_tokens,
     split_like_reference,
 )
+from data.shards import Document, expand_sources, iter_documents
+from data.tokenizer import ByteTokenizer, SpecialTokens, build_tokenizer
 
 SAMPLE_DIR = Path(__file__).resolve().parents[2] / "data" / "sample"
 NUM_MERGES = 384
