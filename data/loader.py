@@ -12,11 +12,13 @@ global batches b = w (mod k) and only plans the others, so batches arrive in ord
 from __future__ import annotations
 
 import copy
+import json
 import multiprocessing as mp
 import queue
 from dataclasses import dataclass, field
 from typing import Any
 
+import fsspec
 import numpy as np
 
 from data.encode import encode_document
@@ -52,6 +54,9 @@ class DataSpec:
     """Tokens the run will train on (UniMax spreads this budget)."""
     on_error: str = "raise"
     media: MediaConfig = field(default_factory=MediaConfig)
+    manifest: str = ""
+    """A `python -m data.prepare scan` manifest whose token counts (text + media blocks) set the
+    mixture; empty: count the corpus's text tokens at start-up."""
 
 
 @dataclass(frozen=True)
@@ -155,6 +160,22 @@ def load_corpus(sources: tuple[str, ...], on_error: str, tokenizer_spec: str) ->
     return Corpus(documents, skipped)
 
 
+def manifest_token_counts(path: str, tokenizer_spec: str) -> dict[str, int]:
+    """Tokens per language from a scan manifest: text plus image and video block tokens."""
+    with fsspec.open(path, "r", encoding="utf-8") as f:
+        manifest = json.load(f)
+    if manifest["tokenizer"] != tokenizer_spec:
+        raise ValueError(
+            f"{path} counts tokens with {manifest['tokenizer']!r}, but data.tokenizer is "
+            f"{tokenizer_spec!r}: re-run `python -m data.prepare scan` with --tokenizer"
+        )
+    keys = ("tokens", "image_tokens", "video_tokens")
+    return {
+        lang: sum(int(stats.get(key, 0)) for key in keys)
+        for lang, stats in manifest["languages"].items()
+    }
+
+
 def token_counts(corpus: Corpus, tokenizer: Tokenizer) -> dict[str, int]:
     """Text tokens per language, the basis of the mixture weights."""
     return {
@@ -178,7 +199,7 @@ class GlobalBatchLoader:
         self.tokenizer = build_tokenizer(spec.tokenizer)
         self.targets = mixture_from_config(
             spec.mixture,
-            token_counts(self.corpus, self.tokenizer),
+            self._mixture_counts(),
             temperature=spec.temperature,
             budget_tokens=spec.budget_tokens,
             max_epochs=spec.unimax_max_epochs,
@@ -193,6 +214,15 @@ class GlobalBatchLoader:
         special = self.tokenizer.special
         self.packer = RowPacker(self.source, spec.seq_len, special.pad, special.patch)
         self.batches_served = 0
+
+    def _mixture_counts(self) -> dict[str, int]:
+        if not self.spec.manifest:
+            return token_counts(self.corpus, self.tokenizer)
+        counts = manifest_token_counts(self.spec.manifest, self.spec.tokenizer)
+        missing = sorted(set(self.corpus.documents) - set(counts))
+        if missing:
+            raise ValueError(f"{self.spec.manifest} has no counts for languages {missing[:5]}")
+        return {lang: counts[lang] for lang in self.corpus.documents}
 
     def _encode(self, lang: str, index: int) -> EncodedDocument:
         document = encode_document(

@@ -49,6 +49,9 @@ class DataConfig:
     """Frames per second sampled from videos."""
     max_frames: int = 8
     """Most frames kept per video."""
+    manifest: str = ""
+    """A `python -m data.prepare scan` manifest for the mixture's token counts (text and media
+    blocks); empty: the text tokens are counted when the run starts."""
 
 
 @dataclass

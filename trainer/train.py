@@ -142,6 +142,7 @@ def data_spec(cfg: Config) -> DataSpec:
         unimax_max_epochs=d.unimax_max_epochs,
         budget_tokens=t.steps * t.global_batch_size * t.seq_len,
         on_error=d.on_error,
+        manifest=d.manifest,
         media=MediaConfig(
             tile_size=vision.image_size,
             patch_size=vision.patch_size,

@@ -84,3 +84,22 @@ def test_prepare_tokenize_and_scan_cli(json_shards, tmp_path):
     media = scan([str(REPO / "data" / "sample" / "media-*.jsonl.zst")])
     assert media["total"]["images"] >= 6 and media["total"]["videos"] == 1
     assert media["total"]["image_tokens"] > 144 * media["total"]["images"]
+
+
+def test_mixture_counts_can_come_from_a_scan_manifest(json_shards, tmp_path):
+    import json
+
+    from data.prepare import scan
+
+    manifest = scan([str(json_shards / "*.jsonl*")])
+    path = tmp_path / "manifest.json"
+    path.write_text(json.dumps(manifest))
+    spec = DataSpec((str(json_shards / "*.jsonl*"),), "byte", 32, 4, seed=3, manifest=str(path))
+    loader = GlobalBatchLoader(spec, RankSlice(0, 1))
+    tokens = {lang: stats["tokens"] for lang, stats in manifest["languages"].items()}
+    total = sum(tokens.values())
+    assert loader.targets == pytest.approx({lang: n / total for lang, n in tokens.items()})
+    manifest["tokenizer"] = "hf:other.json"
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="re-run `python -m data.prepare scan`"):
+        GlobalBatchLoader(spec, RankSlice(0, 1))
