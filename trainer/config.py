@@ -93,11 +93,54 @@ class OptimConfig:
 
 @dataclass
 class ParallelConfig:
+    """Degrees of each parallelism; their meshes are described in parallel/mesh.py.
+
+    dp_replicate x dp_shard x cp must equal the world size; ep borrows its ranks from dp_shard x cp
+    and must divide that product.
+    """
+
     dp_replicate: int = 1
+    """HSDP replicas: full copies of the sharded model, gradients all-reduced across them."""
     dp_shard: int = -1
-    """FSDP degree; -1 means every rank not used by another dimension."""
+    """FSDP degree; -1 means every rank not used by dp_replicate and cp."""
     ep: int = 1
+    """Expert-parallel degree (ranks borrowed from dp_shard x cp)."""
     cp: int = 1
+    """Context-parallel degree: ranks splitting one sequence."""
+    activation_checkpointing: str = "none"
+    """Recompute block activations in backward: "none", "full" (every block) or "every:N" (the
+    Nth, 2Nth, ... block)."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        for key in ("dp_replicate", "ep", "cp"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"parallel.{key} must be >= 1; got {getattr(self, key)}")
+        if self.dp_shard < 1 and self.dp_shard != -1:
+            raise ConfigError(
+                f"parallel.dp_shard must be >= 1, or -1 for the rest of the ranks; "
+                f"got {self.dp_shard}"
+            )
+        _checkpoint_interval(self.activation_checkpointing)
+
+    @property
+    def checkpoint_every(self) -> int:
+        """activation_checkpointing as a block interval: 0 none, 1 full, N for "every:N"."""
+        return _checkpoint_interval(self.activation_checkpointing)
+
+
+def _checkpoint_interval(mode: str) -> int:
+    if mode in ("none", "full"):
+        return 0 if mode == "none" else 1
+    prefix, _, number = mode.partition(":")
+    if prefix != "every" or not number.isdigit() or int(number) < 1:
+        raise ConfigError(
+            'parallel.activation_checkpointing must be "none", "full" or "every:N" with N a '
+            f"positive integer (checkpoint every Nth block); got {mode!r}"
+        )
+    return int(number)
 
 
 @dataclass
@@ -148,7 +191,7 @@ class Config:
 
     def validate(self) -> None:
         """Checks that need more than one field; per-field checks live in each section."""
-        t, o, p = self.training, self.optim, self.parallel
+        t, o = self.training, self.optim
         _require_choice("training.dtype", t.dtype, ("float32", "bfloat16"))
         _require_choice("training.device", t.device, ("auto", "cpu", "cuda"))
         _require_choice("optim.schedule", o.schedule, ("cosine", "wsd", "constant"))
@@ -167,10 +210,40 @@ class Config:
             )
         if not 0.0 <= o.min_lr_ratio <= 1.0 or not 0.0 < o.decay_fraction <= 1.0:
             raise ConfigError("optim.min_lr_ratio must lie in [0, 1] and decay_fraction in (0, 1]")
-        if p.ep != 1 or p.cp != 1 or p.dp_replicate != 1:
+        self._validate_parallel()
+
+    def _validate_parallel(self) -> None:
+        """What needs the model besides ParallelConfig, and what the trainer cannot run yet.
+
+        The world size is only known at launch: `parallel.mesh.ParallelDims` checks the degrees
+        against it then.
+        """
+        p, m = self.parallel, self.model
+        if p.checkpoint_every > m.n_layers:
             raise ConfigError(
-                "parallel.ep, parallel.cp and parallel.dp_replicate must be 1 in this version: "
-                "expert, context and replicated data parallelism are not built yet"
+                f"parallel.activation_checkpointing = {p.activation_checkpointing!r} would "
+                f"checkpoint no block: the model has {m.n_layers} (model.n_layers)"
+            )
+        if p.ep > 1 and m.n_experts % p.ep:
+            raise ConfigError(
+                f"parallel.ep ({p.ep}) must divide model.n_experts ({m.n_experts}): each "
+                "expert-parallel rank owns n_experts / ep whole experts"
+            )
+        if p.ep > 1:
+            raise ConfigError(
+                f"parallel.ep = {p.ep}: the trainer cannot train with expert parallelism yet. "
+                "The meshes exist (parallel.mesh: 'ep' and 'dp_shard_mod_ep'), but "
+                "parallelize_model does not yet split the experts over 'ep' with the token "
+                "all-to-all (parallel/expert.py), FSDP-shard them over 'dp_shard_mod_ep', or "
+                "rescale their gradients, which FSDP averages over world/ep ranks only; "
+                "use parallel.ep = 1"
+            )
+        if p.cp > 1:
+            raise ConfigError(
+                f"parallel.cp = {p.cp}: the trainer cannot train with context parallelism yet. "
+                "The meshes exist (parallel.mesh: 'cp', and FSDP runs over 'dp_shard_cp'), but "
+                "there is no sequence sharding of tokens, positions and labels over 'cp' and no "
+                "attention across the chunks (parallel/context.py); use parallel.cp = 1"
             )
 
 

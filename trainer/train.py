@@ -23,7 +23,7 @@ from data.loader import BackgroundLoader, Batch, DataSpec, GlobalBatchLoader, Ra
 from data.media import MediaConfig
 from data.packing import IGNORE_INDEX
 from data.tokenizer import build_tokenizer
-from parallel.fsdp import apply_fsdp
+from parallel.fsdp import parallelize_model
 from parallel.mesh import DistributedContext, ParallelDims, all_reduce_sum, init_distributed
 from trainer.checkpoint import (
     CheckpointManager,
@@ -95,7 +95,11 @@ def resolve_device_type(device: str) -> str:
 
 def build_trainer(cfg: Config, ctx: DistributedContext) -> Trainer:
     t = cfg.training
-    dims = ParallelDims(1, cfg.parallel.dp_shard, 1, 1, ctx.world_size)
+    p = cfg.parallel
+    try:
+        dims = ParallelDims(p.dp_replicate, p.dp_shard, p.ep, p.cp, ctx.world_size)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     per_rank = t.global_batch_size // dims.dp_size
     micro = t.micro_batch_size or per_rank
     if t.global_batch_size % dims.dp_size or per_rank % micro:
@@ -114,8 +118,10 @@ def build_trainer(cfg: Config, ctx: DistributedContext) -> Trainer:
     model = Transformer(cfg.model).to(ctx.device)
     model.init_weights()
     dtype = torch.bfloat16 if t.dtype == "bfloat16" else torch.float32
-    apply_fsdp(model, dims.build_mesh(ctx.device.type), dtype)
-    loader = build_loader(cfg, RankSlice(dist.get_rank(), dims.dp_size))
+    meshes = dims.build_mesh(ctx.device.type)
+    parallelize_model(model, meshes, dtype, p.checkpoint_every)
+    # The data rank, not the global rank: the cp ranks of one group read the same rows.
+    loader = build_loader(cfg, RankSlice(meshes.dp.get_local_rank(), dims.dp_size))
     return Trainer(
         cfg=cfg,
         ctx=ctx,
