@@ -251,3 +251,79 @@ def apply_expert_parallel(model: nn.Module, ep_group: EpGroup) -> AllToAllStats:
         shard_experts(moe, group)
         ExpertParallel(moe.n_experts, group, stats).apply(moe.experts)
     return stats
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; multiplies the incoming gradient by `factor` in backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, factor: float) -> torch.Tensor:
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad * ctx.factor, None
+
+
+def scale_expert_gradients(model: nn.Module, factor: float) -> None:
+    """Multiply the gradients of every EP-sharded expert weight by `factor`, nothing else.
+
+    Expert outputs are scaled by `factor` on the way back (between the experts and combine) and
+    their inputs by 1 / factor (between dispatch and the experts). Every weight gradient of the
+    SwiGLU experts is linear in the output gradient, so the weights get `factor` times theirs,
+    while the gradient sent back to the tokens is unchanged. Works under FSDP (whose
+    `set_gradient_divide_factor` needs a pre-multiplied sum that gloo lacks) and activation
+    checkpointing (the recompute reruns these hooks). Call after `apply_expert_parallel`.
+    """
+    for module in model.modules():
+        if not hasattr(module, "_expert_parallel"):
+            continue
+        # Appended after the dispatch pre-hook; prepended before the combine forward hook.
+        module.register_forward_pre_hook(
+            lambda _, args: (_ScaleGrad.apply(args[0], 1.0 / factor), *args[1:])
+        )
+        module.register_forward_hook(
+            lambda _, args, out: _ScaleGrad.apply(out, factor), prepend=True
+        )
+
+
+def sharded_expert_names(model: nn.Module) -> dict[str, ExpertParallel]:
+    """Fully qualified names of the EP-sharded expert weights, each with its layer's EP hooks."""
+    names = {}
+    for prefix, module in model.named_modules():
+        ep = getattr(module, "_expert_parallel", None)
+        if ep is not None:
+            names.update({f"{prefix}.{name}" if prefix else name: ep for name in EXPERT_WEIGHTS})
+    return names
+
+
+def clip_grad_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """`torch.nn.utils.clip_grad_norm_` for a model whose experts are sharded over `ep`.
+
+    Dense gradients are DTensors on the dense FSDP mesh; expert gradients are DTensors on the
+    expert FSDP mesh and hold only this rank's ep slice. The global norm is
+    sqrt(|dense|^2 + sum over the ep group of |expert slice|^2), the same on every rank.
+    Returns it as a plain tensor.
+    """
+    experts = sharded_expert_names(model)
+    dense, expert = [], []
+    for name, param in model.named_parameters():
+        if param.grad is not None:
+            (expert if name in experts else dense).append(param.grad)
+    if not experts:
+        raise ValueError("clip_grad_norm_ for expert parallelism on a model without EP experts")
+    group = next(iter(experts.values())).group
+    dense_sq = _full(torch.nn.utils.get_total_norm(dense, foreach=True)) ** 2
+    expert_sq = _full(torch.nn.utils.get_total_norm(expert, foreach=True)) ** 2
+    dist.all_reduce(expert_sq, group=group)
+    total = (dense_sq + expert_sq).sqrt()
+    # As torch.nn.utils.clip_grads_with_norm_, with the coefficient as a Python number so that
+    # it multiplies DTensors of either mesh.
+    coef = float(torch.clamp(max_norm / (total + 1e-6), max=1.0))
+    torch._foreach_mul_(dense + expert, coef)
+    return total
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor

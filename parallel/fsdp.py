@@ -1,8 +1,9 @@
 """Parallelisms applied to the model from outside, in one ordered place (`parallelize_model`).
 
-FSDP2 (`fully_shard`) shards the parameters over the dense FSDP mesh; with a 2-D mesh
+Expert parallelism (parallel/expert.py) splits the routed experts over the `ep` ranks. FSDP2
+(`fully_shard`) shards the parameters over the dense FSDP mesh; with a 2-D mesh
 ("dp_replicate", "dp_shard_cp") the same call gives HSDP. Activation checkpointing recomputes
-chosen blocks in backward. The model's code knows nothing of either.
+chosen blocks in backward. The model's code knows nothing of any of them.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 
+from parallel.expert import apply_expert_parallel, scale_expert_gradients
 from parallel.mesh import ParallelMeshes
+from trainer.model.moe import MoE
 
 
 def parallelize_model(
@@ -24,9 +27,10 @@ def parallelize_model(
 ) -> None:
     """Apply every parallelism to `model`, in place, in the one order in which they compose.
 
-    1. Expert parallelism (not wired in yet) would split the routed experts over `meshes.ep`
-       and hook the token all-to-all around `moe.experts`. It changes which weights a rank
-       holds, so it must come before FSDP shards them.
+    1. Expert parallelism splits the routed experts over `meshes.ep` and hooks the token
+       all-to-all around `moe.experts` (parallel/expert.py). It changes which weights a rank
+       holds, so it must come before FSDP shards them. Expert gradients are then rescaled by
+       1 / ep (`scale_expert_gradients`, derivation in `_expert_grad_factor`).
     2. Context parallelism (not wired in yet) would shard the sequence over `cp`; like EP it
        changes what the forward computes, not how parameters are stored, so it too goes first.
     3. Activation checkpointing goes INSIDE FSDP (applied before it, as in torchtitan): FSDP's
@@ -36,19 +40,48 @@ def parallelize_model(
        recompute would rerun FSDP's pre-forward hook: a third all-gather and re-registered
        backward hooks.
     4. FSDP last: `fully_shard` turns parameters into DTensor shards and swaps module classes;
-       every step above must see the plain modules and parameters.
+       every step above must see the plain modules and parameters. With EP, each MoE's experts
+       are a unit of their own over `meshes.expert_fsdp` (the ranks holding the same slice),
+       wrapped before the blocks so the block units leave their parameters alone.
     """
     dims = meshes.dims
-    if dims.ep_enabled or dims.cp_enabled:
-        raise ValueError(
-            f"parallelize_model does not apply parallel.ep ({dims.ep}) or parallel.cp "
-            f"({dims.cp}) yet; only dp_replicate, dp_shard and activation checkpointing"
-        )
+    if dims.cp_enabled:
+        raise ValueError(f"parallelize_model does not apply parallel.cp ({dims.cp}) yet")
+    if dims.ep_enabled:
+        apply_expert_parallel(model, meshes.ep)
+        scale_expert_gradients(model, _expert_grad_factor(dims.ep))
     apply_activation_checkpointing(model, checkpoint_every)
-    apply_fsdp(model, meshes.fsdp, compute_dtype)
+    expert_mesh = meshes.expert_fsdp if dims.ep_enabled else None
+    apply_fsdp(model, meshes.fsdp, compute_dtype, expert_mesh)
 
 
-def apply_fsdp(model: nn.Module, mesh: DeviceMesh, compute_dtype: torch.dtype) -> None:
+def _expert_grad_factor(ep: int) -> float:
+    """What expert gradients must be multiplied by so that they equal one process's.
+
+    W ranks, G valid labels in the global batch, ce_r rank r's summed cross-entropy. Each rank
+    backpropagates L_r = ce_r * W / G (+ router terms, which do not touch expert weights).
+
+    Dense weights: FSDP averages over all W ranks: (1/W) sum_r W dce_r/G = sum_r dce_r / G,
+    the one-process gradient.
+
+    Expert slice e on rank r: the dispatch all-to-all brought here every token copy routed to e
+    from the ep ranks of r's group, and its backward returns their gradients, so the local
+    gradient is already the sum over that group: sum_{s in group} W dce_s/G. FSDP over
+    `expert_fsdp` then AVERAGES over the W/ep ranks holding e, one per ep group, so the sum
+    covers every rank once and is divided by W/ep:
+        (ep/W) sum_s W dce_s/G = ep * sum_s dce_s/G.
+    Hence a factor 1/ep (HSDP alike: dp_replicate * dp_shard_mod_ep = W/ep). For ep a power
+    of two the scaling is exact in floating point.
+    """
+    return 1.0 / ep
+
+
+def apply_fsdp(
+    model: nn.Module,
+    mesh: DeviceMesh,
+    compute_dtype: torch.dtype,
+    expert_mesh: DeviceMesh | None = None,
+) -> None:
     """Shard the embedding, each block, [norm, output] and the root, in that order.
 
     Each `fully_shard` call makes one all-gather unit; the blocks are units of their own so
@@ -60,10 +93,16 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, compute_dtype: torch.dtype) -
     Gradients are reduced in float32 and AVERAGED over every rank of the mesh, both dims for
     HSDP (FSDP's default; gloo has no pre-multiplied sum for a custom factor), so the trainer
     scales its loss by the data-parallel size.
+
+    With `expert_mesh` (expert parallelism), each MoE's routed experts are first sharded over
+    that mesh only, and their gradients reduced (averaged) over the ranks holding the same
+    expert slice; see `_expert_grad_factor` for the rescaling this needs.
     """
     policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     fully_shard(model.tok_embeddings, mesh=mesh, mp_policy=policy)
     for block in model.layers.values():
+        if expert_mesh is not None and isinstance(block.feed_forward, MoE):
+            fully_shard(block.feed_forward.experts, mesh=expert_mesh, mp_policy=policy)
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard([model.norm, model.output], mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)

@@ -12,7 +12,8 @@ last works everywhere.
 Note: the state is world-size independent. Model and optimizer go through
 `get_state_dict`/`set_state_dict`, which store each parameter under its unsharded name and shape,
 so DCP reshards them on load; the trainer state (step, data-loader position, RNG) is the same on
-every rank.
+every rank. Exception: with parallel.ep > 1 the expert weights are stored as per-ep-rank slices
+(`_ep_keys`) and resume only under the same ep.
 """
 
 from __future__ import annotations
@@ -34,38 +35,67 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 
+from parallel.expert import sharded_expert_names
+
 COMPLETE_MARKER = "COMPLETE"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
+def _ep_keys(model: nn.Module) -> dict[str, str]:
+    """Storage key of each EP-sharded expert weight: its name plus `.ep{rank}of{size}`.
+
+    With expert parallelism a rank's expert weight is its ep slice under the full name (a
+    DTensor over the expert FSDP mesh, shaped like the slice): ranks of different ep groups would
+    write different data under one key, and DCP would keep one. The suffix keeps each slice
+    apart; such a checkpoint resumes only under the same parallel.ep (the trainer checks).
+    """
+    return {
+        name: f"{name}.ep{ep.ep_rank}of{ep.ep_size}"
+        for name, ep in sharded_expert_names(model).items()
+    }
+
+
 class ModelState(Stateful):
-    """Model weights keyed by unsharded parameter names (reshardable)."""
+    """Model weights keyed by unsharded parameter names (reshardable, except EP experts)."""
 
     def __init__(self, model: nn.Module):
         self.model = model
+        self.keys = _ep_keys(model)
 
     def state_dict(self) -> dict[str, Any]:
-        return get_model_state_dict(self.model)
+        state = get_model_state_dict(self.model)
+        return {self.keys.get(name, name): value for name, value in state.items()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        set_model_state_dict(self.model, state)
+        names = {key: name for name, key in self.keys.items()}
+        set_model_state_dict(self.model, {names.get(k, k): v for k, v in state.items()})
 
 
 class OptimizerState(Stateful):
-    """Optimizer state keyed by unsharded parameter names (reshardable)."""
+    """Optimizer state keyed by unsharded parameter names (reshardable, except EP experts)."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
         self.model, self.optimizer = model, optimizer
+        self.keys = _ep_keys(model)
 
     def state_dict(self) -> dict[str, Any]:
-        return get_optimizer_state_dict(self.model, self.optimizer)
+        state = get_optimizer_state_dict(self.model, self.optimizer)
+        per_param = state["state"]
+        return {**state, "state": {self.keys.get(k, k): v for k, v in per_param.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        set_optimizer_state_dict(self.model, self.optimizer, state)
+        names = {key: name for name, key in self.keys.items()}
+        per_param = {names.get(k, k): v for k, v in state["state"].items()}
+        set_optimizer_state_dict(self.model, self.optimizer, {**state, "state": per_param})
 
 
 def load_model_weights(path: str, model: nn.Module) -> None:
     """Only the model weights of a checkpoint (a run's or one written by trainer.convert)."""
+    if _ep_keys(model):
+        raise ValueError(
+            "checkpoint.init_from cannot load weights into a model with parallel.ep > 1 yet "
+            "(expert weights are per-ep-rank slices); start with parallel.ep = 1"
+        )
     dcp.load({"model": ModelState(model)}, storage_reader=_reader(path))
 
 
@@ -109,7 +139,9 @@ class CheckpointManager:
         dist.barrier()
 
     def load(self, step: int, state: dict[str, Stateful]) -> None:
-        dcp.load(state, storage_reader=_reader(self.step_dir(step)))
+        """Load the entries of `state` in turn: an early one can refuse before the rest is read."""
+        for key, value in state.items():
+            dcp.load({key: value}, storage_reader=_reader(self.step_dir(step)))
 
     def _prune(self) -> None:
         if self.keep <= 0:

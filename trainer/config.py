@@ -229,15 +229,6 @@ class Config:
                 f"parallel.ep ({p.ep}) must divide model.n_experts ({m.n_experts}): each "
                 "expert-parallel rank owns n_experts / ep whole experts"
             )
-        if p.ep > 1:
-            raise ConfigError(
-                f"parallel.ep = {p.ep}: the trainer cannot train with expert parallelism yet. "
-                "The meshes exist (parallel.mesh: 'ep' and 'dp_shard_mod_ep'), but "
-                "parallelize_model does not yet split the experts over 'ep' with the token "
-                "all-to-all (parallel/expert.py), FSDP-shard them over 'dp_shard_mod_ep', or "
-                "rescale their gradients, which FSDP averages over world/ep ranks only; "
-                "use parallel.ep = 1"
-            )
         if p.cp > 1:
             raise ConfigError(
                 f"parallel.cp = {p.cp}: the trainer cannot train with context parallelism yet. "

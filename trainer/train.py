@@ -23,6 +23,7 @@ from data.loader import BackgroundLoader, Batch, DataSpec, GlobalBatchLoader, Ra
 from data.media import MediaConfig
 from data.packing import IGNORE_INDEX
 from data.tokenizer import build_tokenizer
+from parallel import expert as expert_parallel
 from parallel.fsdp import parallelize_model
 from parallel.mesh import DistributedContext, ParallelDims, all_reduce_sum, init_distributed
 from trainer.checkpoint import (
@@ -41,17 +42,25 @@ from trainer.optim import build_optimizer, lr_at, set_lr
 class TrainState(Stateful):
     """Everything besides model and optimizer that an exact resume needs."""
 
-    def __init__(self, loader: GlobalBatchLoader | BackgroundLoader):
+    def __init__(self, loader: GlobalBatchLoader | BackgroundLoader, ep: int = 1):
         self.step = 0
         self.loader = loader
+        self.ep = ep
+        """parallel.ep: with ep > 1 the expert weights are saved as per-ep-rank slices."""
 
     def state_dict(self) -> dict[str, Any]:
         # The loader's state is nested and its shape varies (e.g. mid-document or not); DCP
         # needs the same keys at save and load, so it travels as one JSON string.
         loader = json.dumps(self.loader.state_dict(), sort_keys=True)
-        return {"step": self.step, "loader": loader, "rng": torch.get_rng_state()}
+        return {"step": self.step, "loader": loader, "rng": torch.get_rng_state(), "ep": self.ep}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if int(state["ep"]) != self.ep:
+            raise ValueError(
+                f"the checkpoint was saved with parallel.ep = {int(state['ep'])}, but this run "
+                f"has parallel.ep = {self.ep}: expert weights are stored as per-ep-rank slices "
+                "and cannot be resharded to another ep yet; resume with the same parallel.ep"
+            )
         self.step = int(state["step"])
         self.loader.load_state_dict(json.loads(state["loader"]))
         torch.set_rng_state(state["rng"])
@@ -78,10 +87,12 @@ class Trainer:
     micro_batches: int
 
     def checkpoint_state(self) -> dict[str, Stateful]:
+        # "train" first: `CheckpointManager.load` loads in this order, so a checkpoint of another
+        # parallel.ep is refused before any weight is read.
         return {
+            "train": self.state,
             "model": ModelState(self.model),
             "optim": OptimizerState(self.model, self.optimizer),
-            "train": self.state,
         }
 
 
@@ -128,7 +139,7 @@ def build_trainer(cfg: Config, ctx: DistributedContext) -> Trainer:
         model=model,
         optimizer=build_optimizer(model, cfg.optim),
         loader=loader,
-        state=TrainState(loader),
+        state=TrainState(loader, dims.ep),
         checkpoints=CheckpointManager(t.run_dir, cfg.checkpoint.keep, ctx.rank),
         metrics=MetricsLogger(t.run_dir, ctx.rank == 0, cfg.metrics.tensorboard),
         micro_batches=per_rank // micro,
@@ -187,7 +198,8 @@ def train_step(trainer: Trainer, rows: Batch) -> StepResult:
     The cross-entropy is summed and divided by the GLOBAL number of valid labels; FSDP averages
     gradients over the W data-parallel ranks, so each rank's loss is scaled by W. The update then
     equals one process on the whole global batch however the batch is split over ranks and
-    micro-batches.
+    micro-batches. With expert parallelism the expert gradients are rescaled inside the model's
+    backward (parallel.fsdp._expert_grad_factor) and the norm is taken over both meshes.
     """
     model, device = trainer.model, trainer.ctx.device
     n_micro = trainer.micro_batches
@@ -221,7 +233,10 @@ def train_step(trainer: Trainer, rows: Batch) -> StepResult:
         ce_total += ce_sum.detach()
         router_total += out.router_loss.detach() * router_weight / dp_size
     max_norm = trainer.cfg.training.max_grad_norm or float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm, foreach=True)
+    if trainer.cfg.parallel.ep > 1:
+        grad_norm = expert_parallel.clip_grad_norm_(model, max_norm)  # experts on their own mesh
+    else:
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm, foreach=True)
     trainer.optimizer.step()
     trainer.optimizer.zero_grad(set_to_none=True)
     totals = all_reduce_sum(torch.stack([ce_total, router_total]))

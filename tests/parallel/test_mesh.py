@@ -180,8 +180,6 @@ def test_degrees_resolve_and_report_what_is_enabled():
     [
         ("--parallel.cp=2", "parallel.cp = 2: the trainer cannot train with context parallelism "
                             "yet.*no sequence sharding"),
-        ("--parallel.ep=2", "parallel.ep = 2: the trainer cannot train with expert parallelism "
-                            "yet.*rescale their gradients"),
         ("--parallel.ep=3", r"parallel.ep \(3\) must divide model.n_experts \(8\)"),
         ("--parallel.dp_shard=0", "parallel.dp_shard must be >= 1, or -1"),
         ("--parallel.dp_replicate=0", "parallel.dp_replicate must be >= 1; got 0"),

@@ -71,7 +71,7 @@ def test_wrong_types_and_values_are_named(override, message):
     [
         (["--model.n_heads=4", "--model.n_kv_heads=3"], "model.n_heads .4. must be a multiple"),
         (["--model.top_k=9"], r"model.top_k \(9\) must lie in \[1, model.n_experts=8\]"),
-        (["--parallel.ep=2"], "parallel.ep = 2: the trainer cannot train with expert parallelism"),
+        (["--parallel.ep=3"], r"parallel.ep \(3\) must divide model.n_experts \(8\)"),
         (["--training.steps=0"], "training.steps must be positive"),
         (["--model.rope_scaling=yarn"], 'model.rope_scaling must be "none" or "llama3"'),
     ],
