@@ -55,20 +55,32 @@ def _ep_keys(model: nn.Module) -> dict[str, str]:
     }
 
 
+class _StorageKeys:
+    """Parameter name <-> storage key; only EP-sharded expert weights differ (`_ep_keys`)."""
+
+    def __init__(self, model: nn.Module):
+        self.key_of = _ep_keys(model)
+        self.name_of = {key: name for name, key in self.key_of.items()}
+
+    def to_storage(self, by_name: dict[str, Any]) -> dict[str, Any]:
+        return {self.key_of.get(name, name): value for name, value in by_name.items()}
+
+    def from_storage(self, by_key: dict[str, Any]) -> dict[str, Any]:
+        return {self.name_of.get(key, key): value for key, value in by_key.items()}
+
+
 class ModelState(Stateful):
     """Model weights keyed by unsharded parameter names (reshardable, except EP experts)."""
 
     def __init__(self, model: nn.Module):
         self.model = model
-        self.keys = _ep_keys(model)
+        self.keys = _StorageKeys(model)
 
     def state_dict(self) -> dict[str, Any]:
-        state = get_model_state_dict(self.model)
-        return {self.keys.get(name, name): value for name, value in state.items()}
+        return self.keys.to_storage(get_model_state_dict(self.model))
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        names = {key: name for name, key in self.keys.items()}
-        set_model_state_dict(self.model, {names.get(k, k): v for k, v in state.items()})
+        set_model_state_dict(self.model, self.keys.from_storage(state))
 
 
 class OptimizerState(Stateful):
@@ -76,16 +88,14 @@ class OptimizerState(Stateful):
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
         self.model, self.optimizer = model, optimizer
-        self.keys = _ep_keys(model)
+        self.keys = _StorageKeys(model)
 
     def state_dict(self) -> dict[str, Any]:
         state = get_optimizer_state_dict(self.model, self.optimizer)
-        per_param = state["state"]
-        return {**state, "state": {self.keys.get(k, k): v for k, v in per_param.items()}}
+        return {**state, "state": self.keys.to_storage(state["state"])}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        names = {key: name for name, key in self.keys.items()}
-        per_param = {names.get(k, k): v for k, v in state["state"].items()}
+        per_param = self.keys.from_storage(state["state"])
         set_optimizer_state_dict(self.model, self.optimizer, {**state, "state": per_param})
 
 
