@@ -27,6 +27,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -34,7 +35,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer.model.config import ModelConfig  # noqa: E402
+from trainer.config import load_config  # noqa: E402
+from trainer.model.config import ModelConfig, VisionConfig  # noqa: E402
 from trainer.model.hf import text_config_to_hf, to_hf  # noqa: E402
 from trainer.model.transformer import Transformer  # noqa: E402
 
@@ -43,30 +45,9 @@ LOSS_TOLERANCE = 1e-4
 
 # name -> (model config, batch size, sequence length)
 CONFIGS: dict[str, tuple[ModelConfig, int, int]] = {
-    # configs/tiny_cpu.toml: dense and MoE layers interleaved, NoPE layer 3, chunking and
-    # temperature tuning active inside the 256-token rows.
-    "tiny": (
-        ModelConfig(
-            vocab_size=320,
-            dim=128,
-            n_layers=4,
-            n_heads=4,
-            n_kv_heads=2,
-            dense_ffn_dim=512,
-            expert_ffn_dim=256,
-            n_experts=8,
-            top_k=1,
-            interleave_moe_layer_step=2,
-            nope_layer_interval=4,
-            attention_chunk_size=128,
-            use_qk_norm=True,
-            attn_temperature_tuning=True,
-            floor_scale=64.0,
-            attn_scale=0.1,
-        ),
-        8,
-        256,
-    ),
+    # The model of configs/tiny_cpu.toml, text only: dense and MoE layers interleaved, NoPE
+    # layer 3, chunking and temperature tuning active inside the 256-token rows.
+    "tiny": (replace(load_config().model, vision=VisionConfig()), 8, 256),
     # Scout's shape, scaled down: every layer MoE with 16 experts, top-1, QK-norm, llama3 RoPE
     # scaling; chunk and floor scale shrunk so chunking and temperature act inside 512 tokens.
     # high_freq_factor 4 (Llama 3.1's): HF warns on Scout's 1.0, equal to low_freq_factor.
