@@ -17,6 +17,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 
+from parallel.context import ContextParallel, apply_context_parallel
 from parallel.expert import apply_expert_parallel, scale_expert_gradients
 from parallel.mesh import ParallelMeshes
 from trainer.model.moe import MoE
@@ -24,15 +25,19 @@ from trainer.model.moe import MoE
 
 def parallelize_model(
     model: nn.Module, meshes: ParallelMeshes, compute_dtype: torch.dtype, checkpoint_every: int
-) -> None:
+) -> ContextParallel | None:
     """Apply every parallelism to `model`, in place, in the one order in which they compose.
+
+    Returns the context-parallel split when parallel.cp > 1: the model's logits are then for
+    this rank's share of each row, and the labels must be split alike (`split.shard`).
 
     1. Expert parallelism splits the routed experts over `meshes.ep` and hooks the token
        all-to-all around `moe.experts` (parallel/expert.py). It changes which weights a rank
        holds, so it must come before FSDP shards them. Expert gradients are then rescaled by
        1 / ep (`scale_expert_gradients`, derivation in `_expert_grad_factor`).
-    2. Context parallelism (not wired in yet) would shard the sequence over `cp`; like EP it
-       changes what the forward computes, not how parameters are stored, so it too goes first.
+    2. Context parallelism splits every row over `meshes.cp` (parallel/context.py); like EP it
+       changes what the forward computes, not how parameters are stored. Its ranks hold
+       identical parameters, so FSDP shards over them too (the dense mesh is dp_shard x cp).
     3. Activation checkpointing goes INSIDE FSDP (applied before it, as in torchtitan): FSDP's
        hooks then stay outermost, so a block's parameters are all-gathered once for its forward
        and once for its backward, and the recompute, which runs in backward after FSDP's
@@ -45,14 +50,14 @@ def parallelize_model(
        wrapped before the blocks so the block units leave their parameters alone.
     """
     dims = meshes.dims
-    if dims.cp_enabled:
-        raise ValueError(f"parallelize_model does not apply parallel.cp ({dims.cp}) yet")
     if dims.ep_enabled:
         apply_expert_parallel(model, meshes.ep)
         scale_expert_gradients(model, _expert_grad_factor(dims.ep))
+    split = apply_context_parallel(model, meshes.cp) if dims.cp_enabled else None
     apply_activation_checkpointing(model, checkpoint_every)
     expert_mesh = meshes.expert_fsdp if dims.ep_enabled else None
     apply_fsdp(model, meshes.fsdp, compute_dtype, expert_mesh)
+    return split
 
 
 def _expert_grad_factor(ep: int) -> float:

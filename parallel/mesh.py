@@ -192,6 +192,11 @@ class ParallelMeshes:
         return self.experts["ep"]
 
     @property
+    def cp(self) -> DeviceMesh:
+        """The ranks that split one row between them."""
+        return self.world["cp"]
+
+    @property
     def expert_fsdp(self) -> DeviceMesh:
         """The routed experts' FSDP mesh once they are split over `ep`."""
         if self.dims.dp_replicate_enabled:

@@ -21,10 +21,16 @@ FAST = [
 
 
 def run_trainer(
-    run_dir: Path, *overrides: str, nproc: int = 1, check: bool = True, config: Path | None = None
+    run_dir: Path,
+    *overrides: str,
+    nproc: int = 1,
+    check: bool = True,
+    config: Path | None = None,
+    program: str = "trainer.train",
 ) -> subprocess.CompletedProcess:
+    """`python -m program` (the training CLI, or a variant such as tests.record_gradients)."""
     config_args = ["--config", str(config)] if config else []
-    args = ["-m", "trainer.train", *config_args, *FAST, f"--training.run_dir={run_dir}", *overrides]
+    args = ["-m", program, *config_args, *FAST, f"--training.run_dir={run_dir}", *overrides]
     if nproc > 1:
         launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
         args = [*launcher, *args]

@@ -213,12 +213,12 @@ class Config:
         self._validate_parallel()
 
     def _validate_parallel(self) -> None:
-        """What needs the model besides ParallelConfig, and what the trainer cannot run yet.
+        """What needs the model or the sequence length besides ParallelConfig.
 
         The world size is only known at launch: `parallel.mesh.ParallelDims` checks the degrees
         against it then.
         """
-        p, m = self.parallel, self.model
+        p, m, t = self.parallel, self.model, self.training
         if p.checkpoint_every > m.n_layers:
             raise ConfigError(
                 f"parallel.activation_checkpointing = {p.activation_checkpointing!r} would "
@@ -229,12 +229,10 @@ class Config:
                 f"parallel.ep ({p.ep}) must divide model.n_experts ({m.n_experts}): each "
                 "expert-parallel rank owns n_experts / ep whole experts"
             )
-        if p.cp > 1:
+        if t.seq_len % (2 * p.cp):
             raise ConfigError(
-                f"parallel.cp = {p.cp}: the trainer cannot train with context parallelism yet. "
-                "The meshes exist (parallel.mesh: 'cp', and FSDP runs over 'dp_shard_cp'), but "
-                "there is no sequence sharding of tokens, positions and labels over 'cp' and no "
-                "attention across the chunks (parallel/context.py); use parallel.cp = 1"
+                f"training.seq_len ({t.seq_len}) must be divisible by 2 x parallel.cp "
+                f"({2 * p.cp}): context parallelism cuts each row into 2 x cp equal chunks"
             )
 
 

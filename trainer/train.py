@@ -24,6 +24,7 @@ from data.media import MediaConfig
 from data.packing import IGNORE_INDEX
 from data.tokenizer import build_tokenizer
 from parallel import expert as expert_parallel
+from parallel.context import ContextParallel
 from parallel.fsdp import parallelize_model
 from parallel.mesh import DistributedContext, ParallelDims, all_reduce_sum, init_distributed
 from trainer.checkpoint import (
@@ -85,6 +86,8 @@ class Trainer:
     checkpoints: CheckpointManager
     metrics: MetricsLogger
     micro_batches: int
+    sequence_split: ContextParallel | None = None
+    """With parallel.cp > 1: this rank's share of each row, for the labels."""
 
     def checkpoint_state(self) -> dict[str, Stateful]:
         # "train" first: `CheckpointManager.load` loads in this order, so a checkpoint of another
@@ -130,7 +133,7 @@ def build_trainer(cfg: Config, ctx: DistributedContext) -> Trainer:
     model.init_weights()
     dtype = torch.bfloat16 if t.dtype == "bfloat16" else torch.float32
     meshes = dims.build_mesh(ctx.device.type)
-    parallelize_model(model, meshes, dtype, p.checkpoint_every)
+    sequence_split = parallelize_model(model, meshes, dtype, p.checkpoint_every)
     # The data rank, not the global rank: the cp ranks of one group read the same rows.
     loader = build_loader(cfg, RankSlice(meshes.dp.get_local_rank(), dims.dp_size))
     return Trainer(
@@ -143,6 +146,7 @@ def build_trainer(cfg: Config, ctx: DistributedContext) -> Trainer:
         checkpoints=CheckpointManager(t.run_dir, cfg.checkpoint.keep, ctx.rank),
         metrics=MetricsLogger(t.run_dir, ctx.rank == 0, cfg.metrics.tensorboard),
         micro_batches=per_rank // micro,
+        sequence_split=sequence_split,
     )
 
 
@@ -209,6 +213,9 @@ def train_step(trainer: Trainer, rows: Batch) -> StepResult:
         to_device(rows.select(slice(i * size, (i + 1) * size)), device, with_vision)
         for i in range(n_micro)
     ]
+    if trainer.sequence_split is not None:  # the model's logits are for this rank's share
+        for batch in micro:
+            batch["labels"] = trainer.sequence_split.shard(batch["labels"])
     valid = torch.tensor(float(sum(int((m["labels"] != IGNORE_INDEX).sum()) for m in micro)))
     global_valid = all_reduce_sum(valid.to(device))  # note: a host sync before the first forward
     ce_total = torch.zeros((), device=device)

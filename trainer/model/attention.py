@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -45,22 +46,57 @@ class SegmentLayout:
     """Set when every segment has this length: the stream is then a plain reshape, no gather
     (rows without document boundaries, cut only at attention chunks)."""
 
+    def attend(self, q_THD: torch.Tensor, k_TKD: torch.Tensor, v_TKD: torch.Tensor) -> torch.Tensor:
+        return segment_causal_attention(q_THD, k_TKD, v_TKD, self)
+
+
+class AttentionLayout(Protocol):
+    """Computes masked attention over a batch's token stream: a SegmentLayout, or a
+    context-parallel layout (parallel/context.py) whose keys also live on other ranks."""
+
+    def attend(
+        self, q_THD: torch.Tensor, k_TKD: torch.Tensor, v_TKD: torch.Tensor
+    ) -> torch.Tensor: ...
+
+
+class SequenceSplit(Protocol):
+    """Keeps one rank's share of every row: context parallelism (parallel/context.py).
+
+    The model still receives whole rows. It embeds them, then keeps its `shard` of the tokens;
+    attention across the shards is the split's `layout`, built from the whole rows' ids.
+    """
+
+    def shard(self, x_BS: torch.Tensor) -> torch.Tensor: ...
+
+    def layout(
+        self, document_ids_BS: torch.Tensor, positions_BS: torch.Tensor, chunk_size: int | None
+    ) -> AttentionLayout: ...
+
+
+def segment_starts(
+    document_ids_BS: torch.Tensor, positions_BS: torch.Tensor, chunk_size: int | None
+) -> torch.Tensor:
+    """(B, S) bool on the CPU: True where a segment starts (row start, document or chunk change)."""
+    # note: host-side bookkeeping on a few int tensors; a CPU-GPU sync point on CUDA.
+    doc, pos = document_ids_BS.cpu(), positions_BS.cpu()
+    chunk = pos // chunk_size if chunk_size else torch.zeros_like(pos)
+    starts = torch.ones_like(doc, dtype=torch.bool)
+    starts[:, 1:] = (doc[:, 1:] != doc[:, :-1]) | (chunk[:, 1:] != chunk[:, :-1])
+    return starts
+
 
 def build_segment_layout(
     document_ids_BS: torch.Tensor, positions_BS: torch.Tensor, chunk_size: int | None
 ) -> SegmentLayout:
     """Cut the batch into causal segments, starting anew at each row, document or chunk change."""
-    _, seq_len = document_ids_BS.shape
-    device = document_ids_BS.device
-    # note: host-side bookkeeping on a few int tensors; a CPU-GPU sync point on CUDA.
-    doc = document_ids_BS.reshape(-1).cpu()
-    pos = positions_BS.reshape(-1).cpu()
-    n_tokens = doc.numel()
-    chunk = pos // chunk_size if chunk_size else torch.zeros_like(pos)
-    starts = torch.ones(n_tokens, dtype=torch.bool)
-    starts[1:] = (doc[1:] != doc[:-1]) | (chunk[1:] != chunk[:-1])
-    starts[::seq_len] = True
-    start_T = starts.nonzero().squeeze(1)
+    starts = segment_starts(document_ids_BS, positions_BS, chunk_size)
+    return layout_from_starts(starts.reshape(-1), document_ids_BS.device)
+
+
+def layout_from_starts(starts_T: torch.Tensor, device: torch.device) -> SegmentLayout:
+    """The segment layout of a token stream whose segments begin where `starts_T` is True."""
+    n_tokens = starts_T.numel()
+    start_T = starts_T.nonzero().squeeze(1)
     length_T = torch.diff(start_T, append=torch.tensor([n_tokens]))
     if bool((length_T == length_T[0]).all()):
         length = int(length_T[0])
@@ -129,9 +165,9 @@ class AttentionInputs:
     """Complex RoPE rotations for each token's (document-relative) position."""
     temperature_BS: torch.Tensor | None
     """NoPE-layer query scale per token, or None when temperature tuning is off."""
-    rope_layout: SegmentLayout
+    rope_layout: AttentionLayout
     """Segments of documents cut at attention-chunk boundaries (RoPE layers)."""
-    global_layout: SegmentLayout
+    global_layout: AttentionLayout
     """Segments of whole documents (NoPE layers)."""
 
 
@@ -140,14 +176,19 @@ def build_attention_inputs(
     inv_freq: torch.Tensor,
     positions_BS: torch.Tensor,
     document_ids_BS: torch.Tensor,
+    split: SequenceSplit | None = None,
 ) -> AttentionInputs:
-    global_layout = build_segment_layout(document_ids_BS, positions_BS, None)
+    """Layouts from the whole rows; rotations and temperatures for this rank's tokens (`split`)."""
+    build_layout = build_segment_layout if split is None else split.layout
+    global_layout = build_layout(document_ids_BS, positions_BS, None)
     chunk = cfg.attention_chunk_size
     rope_layout = (
         global_layout
         if chunk == 0 or int(positions_BS.max()) < chunk
-        else build_segment_layout(document_ids_BS, positions_BS, cfg.attention_chunk_size)
+        else build_layout(document_ids_BS, positions_BS, chunk)
     )
+    if split is not None:
+        positions_BS = split.shard(positions_BS)
     temperature = None
     if cfg.attn_temperature_tuning:
         steps = torch.floor((upcast(positions_BS) + 1.0) / cfg.floor_scale)
@@ -198,11 +239,10 @@ class Attention(nn.Module):
             q = (q * inputs.temperature_BS[..., None, None]).to(q.dtype)
         layout = inputs.rope_layout if self.use_rope else inputs.global_layout
         n_tokens = batch * seq_len
-        out_THD = segment_causal_attention(
+        out_THD = layout.attend(
             q.reshape(n_tokens, self.n_heads, self.head_dim),
             k.reshape(n_tokens, self.n_kv_heads, self.head_dim),
             v.reshape(n_tokens, self.n_kv_heads, self.head_dim),
-            layout,
         )
         return self.wo(out_THD.reshape(batch, seq_len, -1))
 

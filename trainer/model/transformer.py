@@ -15,6 +15,7 @@ from torch import nn
 from trainer.model.attention import (
     Attention,
     AttentionInputs,
+    SequenceSplit,
     build_attention_inputs,
     depth_scaled_std,
 )
@@ -89,6 +90,9 @@ class Transformer(nn.Module):
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         # Early fusion: image features replace the embeddings at <|patch|> positions.
         self.vision = VisionTower(cfg.vision, cfg.dim) if cfg.vision.enabled else None
+        # Context parallelism sets this (parallel/context.py): the blocks then see only this
+        # rank's share of each row, and the logits are that share's.
+        self.sequence_split: SequenceSplit | None = None
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -139,7 +143,9 @@ class Transformer(nn.Module):
         embeddings_BSD: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
     ) -> ModelOutput:
-        """Logits for every position. Without positions/document ids each row is one document.
+        """Logits for every position (of this rank's share under context parallelism).
+
+        Without positions/document ids each row is one document.
 
         `embeddings_BSD`, when given, replaces the token embedding lookup (tests differentiate
         through it). `pixel_values`, (tiles, channels, image_size, image_size) float, are encoded
@@ -154,12 +160,16 @@ class Transformer(nn.Module):
         # Recomputed per forward (head_dim / 2 values) so it stays float32 whatever dtype the
         # module is cast to, as in the reference implementation.
         inv_freq = rope_inverse_frequencies(self.cfg).to(tokens_BS.device)
-        inputs = build_attention_inputs(self.cfg, inv_freq, positions_BS, document_ids_BS)
+        inputs = build_attention_inputs(
+            self.cfg, inv_freq, positions_BS, document_ids_BS, self.sequence_split
+        )
         h = self.tok_embeddings(tokens_BS) if embeddings_BSD is None else embeddings_BSD
         if pixel_values is not None:
             h = self.fuse_images(h, tokens_BS, pixel_values)
         elif self.vision is not None and self.training:
             h = h + self.idle_vision_term(h)
+        if self.sequence_split is not None:
+            h = self.sequence_split.shard(h)
         router_loss = h.new_zeros((), dtype=torch.float32)
         for block in self.layers.values():
             h, block_router_loss = block(h, inputs)
