@@ -5,7 +5,9 @@ training CLI plus each step's gradients gathered whole) on the same global batch
 process; the per-step losses and every parameter's full gradient, at every step, must equal the
 single-process ones within a relative 1e-5 (the FSDP tolerance: float32 reductions in another
 order). Clipping is off so the raw gradients are compared; the weights of steps 2 and 3 depend
-on the earlier updates, so the whole training path is covered, optimizer included.
+on the earlier updates, so the whole training path is covered, optimizer included. One layout
+also recomputes every block (activation checkpointing): its recompute repeats the context-parallel
+gather and the expert all-to-all inside backward.
 
 The tiny model's routing is uneven (max/mean expert load of 2.5-3.5 on these steps, checked
 below), so the expert-parallel layouts exchange uneven all-to-all splits; experts that get no
@@ -31,7 +33,11 @@ LAYOUTS = {
     "dp_shard=2 x ep=2": ("--parallel.ep=2",),
     "ep=4": ("--parallel.ep=4",),
     "cp=2 x dp_shard=2": ("--parallel.cp=2",),
-    "cp=2 x ep=2": ("--parallel.cp=2", "--parallel.ep=2"),
+    "cp=2 x ep=2, full activation checkpointing": (
+        "--parallel.cp=2",
+        "--parallel.ep=2",
+        "--parallel.activation_checkpointing=full",
+    ),
     "dp_replicate=2 x dp_shard=2": ("--parallel.dp_replicate=2",),
 }
 
