@@ -58,8 +58,8 @@ def main() -> None:
     cfg = load_config(path, overrides)
     build = training.build_trainer
 
-    def build_recording(cfg, ctx):
-        trainer = build(cfg, ctx)
+    def build_recording(*args):
+        trainer = build(*args)
         record_gradients(trainer)
         return trainer
 
