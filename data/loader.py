@@ -7,6 +7,12 @@ image tiles. The state is the pipeline's position (a few integers per language),
 every rank, so a checkpoint taken with one number of ranks resumes the same global stream with
 another. `BackgroundLoader` runs the pipeline in worker processes: worker w of k materialises
 global batches b = w (mod k) and only plans the others, so batches arrive in order.
+
+Long-context stages (DataSpec's last four fields, all off by default): a share of the documents
+can be synthetic passkey documents (data/passkey.py; part of the stream's state, accounted as
+the language "passkey", outside the language mixture); documents below a length can be left
+out (counted as skipped, by reason, when the corpus is read); and long documents can be kept
+whole by the packer (data/packing.py).
 """
 
 from __future__ import annotations
@@ -25,7 +31,8 @@ from data.encode import encode_document
 from data.languages import LANGUAGES
 from data.media import MediaConfig
 from data.mixture import mixture_from_config, share_report
-from data.packing import EncodedDocument, RowPacker, stack_rows
+from data.packing import DocumentSource, EncodedDocument, RowPacker, stack_rows
+from data.passkey import PASSKEY_LANG, FillerPool, PasskeySource, passkey_encoder
 from data.pretokenized import TokenizedDocument, read_token_shard
 from data.shards import (
     TOKEN_SHARD_SUFFIX,
@@ -57,6 +64,28 @@ class DataSpec:
     manifest: str = ""
     """A `python -m data.prepare scan` manifest whose token counts (text + media blocks) set the
     mixture; empty: count the corpus's text tokens at start-up."""
+    passkey_fraction: float = 0.0
+    """Share of the documents replaced by synthetic passkey documents (data/passkey.py)."""
+    passkey_tokens: int = 0
+    """Length of each passkey document; 0: seq_len. Never more than seq_len (kept whole)."""
+    min_document_tokens: int = 0
+    """Documents shorter than this (in tokens, bos and eos included) are left out."""
+    whole_long_documents: int = 0
+    """Documents of at least this many tokens that fit in a row are never cut; 0: off."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.passkey_fraction <= 1.0:
+            raise ValueError(
+                f"data.passkey_fraction must lie in [0, 1]; got {self.passkey_fraction}"
+            )
+        for key in ("passkey_tokens", "min_document_tokens", "whole_long_documents"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"data.{key} must be >= 0; got {getattr(self, key)}")
+        if self.passkey_tokens > self.seq_len:
+            raise ValueError(
+                f"data.passkey_tokens ({self.passkey_tokens}) must be at most training.seq_len "
+                f"({self.seq_len}): a passkey document is never cut over rows"
+            )
 
 
 @dataclass(frozen=True)
@@ -160,6 +189,55 @@ def load_corpus(sources: tuple[str, ...], on_error: str, tokenizer_spec: str) ->
     return Corpus(documents, skipped)
 
 
+def document_tokens_at_least(
+    document: Document | TokenizedDocument, tokenizer: Tokenizer, media: MediaConfig, n: int
+) -> int:
+    """The document's length in tokens, or a lower bound of it when that bound is >= `n`.
+
+    The text alone gives the bound; only a document with media that the text does not bring to
+    `n` is encoded whole (its images decoded). A document that cannot be encoded counts as
+    long: it is left to the serving path, which raises or skips it by on_error.
+    """
+    if isinstance(document, TokenizedDocument):
+        return len(document.tokens)
+    parts = document.content or ({"type": "text", "text": document.text},)
+    text = sum(len(tokenizer.encode(p["text"])) for p in parts if p["type"] == "text") + 2
+    if text >= n or all(p["type"] == "text" for p in parts):
+        return text
+    try:
+        return len(encode_document(document, tokenizer, media).tokens)
+    except BadDocument:
+        return n
+
+
+def drop_short_documents(
+    corpus: Corpus, min_tokens: int, tokenizer: Tokenizer, media: MediaConfig
+) -> Corpus:
+    """The corpus without its documents of fewer than `min_tokens` tokens, counted as skipped
+    ("short_document"); a language left without documents is counted too and is then out of
+    the mixture, so a language of short documents only can never stall the stream."""
+    documents: dict[str, list[Document | TokenizedDocument]] = {}
+    short, emptied, longest = 0, 0, 0
+    for lang, docs in corpus.documents.items():
+        lengths = [document_tokens_at_least(d, tokenizer, media, min_tokens) for d in docs]
+        kept = [d for d, n in zip(docs, lengths, strict=True) if n >= min_tokens]
+        short += len(docs) - len(kept)
+        longest = max([longest, *lengths])
+        if kept:
+            documents[lang] = kept
+        else:
+            emptied += 1
+    if not documents:
+        raise ValueError(
+            f"data.min_document_tokens = {min_tokens} leaves no documents: the longest document "
+            f"of data.sources has {longest} tokens"
+        )
+    skipped = {**corpus.skipped, "short_document": short}
+    if emptied:
+        skipped["language_without_long_documents"] = emptied
+    return Corpus(documents, skipped)
+
+
 def manifest_token_counts(path: str, tokenizer_spec: str) -> dict[str, int]:
     """Tokens per language from a scan manifest: text plus image and video block tokens."""
     with fsspec.open(path, "r", encoding="utf-8") as f:
@@ -195,8 +273,13 @@ class GlobalBatchLoader:
     def __init__(self, spec: DataSpec, shard: RankSlice, corpus: Corpus | None = None):
         self.spec, self.shard = spec, shard
         self.rows = shard.rows(spec.global_batch_size)
-        self.corpus = corpus or load_corpus(spec.sources, spec.on_error, spec.tokenizer)
+        full_corpus = corpus or load_corpus(spec.sources, spec.on_error, spec.tokenizer)
         self.tokenizer = build_tokenizer(spec.tokenizer)
+        self.corpus = full_corpus
+        if spec.min_document_tokens:
+            self.corpus = drop_short_documents(
+                full_corpus, spec.min_document_tokens, self.tokenizer, spec.media
+            )
         self.targets = mixture_from_config(
             spec.mixture,
             self._mixture_counts(),
@@ -211,8 +294,22 @@ class GlobalBatchLoader:
             spec.seed,
             skip_bad=spec.on_error == "skip",
         )
+        documents: DocumentSource = self.source
+        self.passkeys: PasskeySource | None = None
+        if spec.passkey_fraction:
+            # Filler from every document, the short ones too: only its text matters.
+            filler = FillerPool(full_corpus.documents, self.tokenizer)
+            length = spec.passkey_tokens or spec.seq_len
+            make = passkey_encoder(self.tokenizer, filler, length, spec.seed)
+            documents = self.passkeys = PasskeySource(self.source, spec.passkey_fraction, make)
         special = self.tokenizer.special
-        self.packer = RowPacker(self.source, spec.seq_len, special.pad, special.patch)
+        self.packer = RowPacker(
+            documents,
+            spec.seq_len,
+            special.pad,
+            special.patch,
+            whole_long_documents=spec.whole_long_documents,
+        )
         self.batches_served = 0
 
     def _mixture_counts(self) -> dict[str, int]:
@@ -265,6 +362,10 @@ class GlobalBatchLoader:
             metrics[f"data/modality/{modality}/share"] = n / max(1, stats.tokens)
         skipped = {**self.corpus.skipped, **self.source.skipped}
         metrics.update({f"data/skipped/{reason}": float(n) for reason, n in skipped.items()})
+        if self.passkeys is not None:
+            passkey_tokens = stats.by_language_modality.get(f"{PASSKEY_LANG}/text", 0)
+            metrics["data/passkey/share"] = passkey_tokens / max(1, stats.tokens)
+            metrics["data/passkey/documents"] = float(self.passkeys.passkeys)
         return metrics
 
     def state_dict(self) -> dict[str, Any]:

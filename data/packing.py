@@ -4,7 +4,11 @@ Documents are laid end to end and every row is filled to exactly `seq_len` token
 cut anywhere: a document that does not fit continues at the start of the next row. An image (or
 video-frame) block is never cut: when it does not fit in what is left of a row, the row is
 padded and the block starts the next one; a document with a block longer than a whole row is
-skipped and counted (or raises, as the caller chooses). Every row carries, per token:
+skipped and counted (or raises, as the caller chooses). A document to keep whole (a passkey
+document, or with `whole_long_documents` = N any document of N tokens or more) that fits in a
+row but not in what is left of the current one is not cut either: the row is padded and the
+document opens the next row (long-context stages train on whole long documents). Every row
+carries, per token:
   - `document_ids`: 0, 1, 2, ... for each document piece in the row, padding a piece of its own
     (attention never crosses pieces);
   - `positions`: the offset inside the piece, restarting at 0 for each piece, so a continuation
@@ -37,6 +41,8 @@ class EncodedDocument:
     """One payload per block: whatever the loader needs to produce that block's pixels."""
     name: str = ""
     """Where it came from (file:line), for error messages."""
+    keep_whole: bool = False
+    """Never cut this document when it fits in a row (see RowPacker)."""
 
     def block_starting_at(self, offset: int) -> int | None:
         for index, (start, _) in enumerate(self.blocks):
@@ -98,12 +104,15 @@ class RowPacker:
         pad_id: int,
         patch_id: int,
         skip_oversized: bool = False,
+        whole_long_documents: int = 0,
     ):
         self.source = source
         self.seq_len = seq_len
         self.pad_id = pad_id
         self.patch_id = patch_id
         self.skip_oversized = skip_oversized
+        self.whole_long_documents = whole_long_documents
+        """Documents of at least this many tokens are kept whole when they fit; 0: none."""
         self.stats = PackingStats()
         self._document: EncodedDocument | None = None
         self._fetched = 0
@@ -131,6 +140,14 @@ class RowPacker:
                 )
         return self._document
 
+    def _opens_next_row(self, document: EncodedDocument, room: int) -> bool:
+        """Whether `document` is one to keep whole that fits in a row but not in the `room` left
+        of this one (then it waits for the next row)."""
+        n = len(document.tokens)
+        if self._offset or n <= room or n > self.seq_len:
+            return False
+        return document.keep_whole or 0 < self.whole_long_documents <= n
+
     def _unit_length(self, document: EncodedDocument, room: int) -> int:
         """Tokens to take next: a whole block, or text up to the next block / the row end."""
         block = document.block_starting_at(self._offset)
@@ -149,6 +166,8 @@ class RowPacker:
         piece_document = -1
         while filled < self.seq_len:
             document = self._current()
+            if filled and self._opens_next_row(document, self.seq_len - filled):
+                break
             take = self._unit_length(document, self.seq_len - filled)
             if take == 0:  # a block that does not fit: pad, it opens the next row
                 break

@@ -52,6 +52,28 @@ class DataConfig:
     manifest: str = ""
     """A `python -m data.prepare scan` manifest for the mixture's token counts (text and media
     blocks); empty: the text tokens are counted when the run starts."""
+    passkey_fraction: float = 0.0
+    """Long-context stages: share of the documents replaced by synthetic passkey documents (a
+    key hidden in multilingual corpus filler, asked for at the end; data/passkey.py). Reported
+    as data/passkey/share and kept out of the language mixture. 0: none."""
+    passkey_tokens: int = 0
+    """Tokens per passkey document, at most training.seq_len (never cut); 0: training.seq_len."""
+    min_document_tokens: int = 0
+    """Leave out documents of fewer tokens (bos and eos included), counted as
+    data/skipped/short_document; a language left without documents drops out of the mixture
+    (data/skipped/language_without_long_documents). Tokenizes the corpus at start-up. 0: off."""
+    whole_long_documents: int = 0
+    """Never cut a document of at least this many tokens that fits in a row: when it does not
+    fit in what is left of a row, the row is padded and the document opens the next. 0: off."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.passkey_fraction <= 1.0:
+            raise ConfigError(
+                f"data.passkey_fraction must lie in [0, 1]; got {self.passkey_fraction}"
+            )
+        for key in ("passkey_tokens", "min_document_tokens", "whole_long_documents"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"data.{key} must be >= 0; got {getattr(self, key)}")
 
 
 @dataclass

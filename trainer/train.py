@@ -152,6 +152,11 @@ def build_trainer(cfg: Config, ctx: DistributedContext) -> Trainer:
 
 def data_spec(cfg: Config) -> DataSpec:
     d, t, vision = cfg.data, cfg.training, cfg.model.vision
+    if d.passkey_tokens > t.seq_len:
+        raise ConfigError(
+            f"data.passkey_tokens ({d.passkey_tokens}) must be at most training.seq_len "
+            f"({t.seq_len}): a passkey document is never cut over rows"
+        )
     return DataSpec(
         sources=tuple(d.sources),
         tokenizer=d.tokenizer,
@@ -164,6 +169,10 @@ def data_spec(cfg: Config) -> DataSpec:
         budget_tokens=t.steps * t.global_batch_size * t.seq_len,
         on_error=d.on_error,
         manifest=d.manifest,
+        passkey_fraction=d.passkey_fraction,
+        passkey_tokens=d.passkey_tokens,
+        min_document_tokens=d.min_document_tokens,
+        whole_long_documents=d.whole_long_documents,
         media=MediaConfig(
             tile_size=vision.image_size,
             patch_size=vision.patch_size,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +21,7 @@ from data.loader import (
     token_counts,
 )
 from data.media import MediaConfig, media_block
+from data.passkey import QUESTION
 from data.sample_media import sample_media_records
 from data.shards import DocumentError, write_documents
 from data.sources import BadDocument
@@ -514,3 +515,154 @@ def test_background_loader_close_lets_workers_holding_image_batches_exit(media_s
     for process in workers:
         process.join(timeout=5)
     assert [p.exitcode for p in workers] == [0]
+
+
+# --- long-context stages: passkey documents, short documents left out, whole long documents -----
+
+QUESTION_TOKENS = TOKENIZER.encode(QUESTION)
+
+
+@dataclass
+class StreamDocument:
+    tokens: list[int]
+    pieces: int
+    """Rows it was spread over."""
+    start: int
+    """Its first token's place in its first row."""
+
+    @property
+    def is_passkey(self) -> bool:
+        n = len(QUESTION_TOKENS)
+        return any(self.tokens[i : i + n] == QUESTION_TOKENS for i in range(len(self.tokens)))
+
+
+def stream_documents(batches: list[Batch]) -> list[StreamDocument]:
+    """The documents of a single-rank stream, in order, stitched back from their row pieces."""
+    documents: list[StreamDocument] = []
+    for batch in batches:
+        for tokens, ids in zip(batch.tokens, batch.document_ids, strict=True):
+            bounds = [0, *(np.flatnonzero(np.diff(ids)) + 1).tolist(), len(ids)]
+            for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+                piece = tokens[a:b].tolist()
+                if piece[0] == SPECIAL.pad:
+                    assert set(piece) == {SPECIAL.pad} and b == len(ids), "padding ends a row"
+                elif piece[0] == SPECIAL.bos:
+                    documents.append(StreamDocument(piece, 1, a))
+                else:
+                    assert a == 0, "a continuation opens its row"
+                    documents[-1].tokens += piece
+                    documents[-1].pieces += 1
+    return documents
+
+
+@pytest.fixture(scope="module")
+def text_spec(corpus_dir) -> DataSpec:
+    return DataSpec((str(corpus_dir / "text-*.jsonl.zst"),), "byte", SEQ_LEN, GLOBAL_BATCH, seed=5)
+
+
+@pytest.mark.parametrize(("fraction", "passkey_tokens"), [(0.25, 0), (0.1, 160)])
+def test_passkey_documents_take_their_share_whole_and_leave_the_mixture_honest(
+    text_spec, fraction, passkey_tokens
+):
+    spec = replace(text_spec, passkey_fraction=fraction, passkey_tokens=passkey_tokens)
+    batches, loader = reference_batches(spec, 8)
+    documents = stream_documents(batches)[:-1]  # the last one may continue in the next batch
+    flags = [d.is_passkey for d in documents]
+    want = [
+        int(np.floor((k + 1) * fraction)) > int(np.floor(k * fraction)) for k in range(len(flags))
+    ]
+    assert flags == want and sum(flags) >= 5
+    length = passkey_tokens or SEQ_LEN
+    for document in documents:
+        if document.is_passkey:
+            assert document.pieces == 1 and len(document.tokens) == length
+            assert document.tokens[-1] == SPECIAL.eos
+    metrics = loader.metrics()
+    tokens = np.concatenate([b.tokens for b in batches])
+    real = int((tokens != SPECIAL.pad).sum())
+    placed = sum(len(d.tokens) for d in documents if d.is_passkey)
+    assert metrics["data/passkey/share"] * real == pytest.approx(placed, abs=length)
+    assert metrics["data/passkey/documents"] in (sum(flags), sum(flags) + 1)
+    assert not [k for k in metrics if k.startswith("data/lang/passkey")]
+    assert sum(v for k, v in metrics.items() if k.endswith("/share") and "/lang/" in k) == (
+        pytest.approx(1.0)
+    )
+    assert metrics["data/lang/max_abs_error"] < 0.05
+
+
+def test_passkey_stream_is_one_for_every_world_size_and_resumes_exactly(text_spec):
+    spec = replace(text_spec, passkey_fraction=0.2, whole_long_documents=100)
+    reference, straight = reference_batches(spec, 6)
+    assert any(d.is_passkey for d in stream_documents(reference))
+    got, state = [], None
+    for world_size in (2, 4, 3):
+        loaders = make_loaders(spec, world_size)
+        if state is not None:
+            for loader in loaders:
+                loader.load_state_dict(json.loads(json.dumps(state)))
+        got += [global_batch(loaders) for _ in range(2)]
+        state = loaders[0].state_dict()
+        assert state["packer"]["next_state"] or state["packer"]["document_state"]
+    for step, (batch, want) in enumerate(zip(got, reference, strict=True)):
+        assert_batches_equal(batch, want, f"batch {step}")
+    assert state == straight.state_dict() and loaders[0].metrics() == straight.metrics()
+    saved = state["packer"]["next_state"] or state["packer"]["document_state"]
+    assert saved["passkey"]["documents"] > saved["passkey"]["passkeys"] > 0
+
+
+def test_background_workers_serve_the_passkey_stream_and_resume_it(text_spec):
+    spec = replace(text_spec, global_batch_size=4, passkey_fraction=0.3, passkey_tokens=150)
+    shard = RankSlice(1, 2)
+    reference = GlobalBatchLoader(spec, shard)
+    want = [reference.next_batch() for _ in range(5)]
+    background = BackgroundLoader(spec, shard, num_workers=2)
+    for step in range(3):
+        assert_batches_equal(background.next_batch(), want[step], f"batch {step}")
+    state = json.loads(json.dumps(background.state_dict()))
+    background.close()
+    resumed = GlobalBatchLoader(spec, shard)
+    resumed.load_state_dict(state)
+    for step in (3, 4):
+        assert_batches_equal(resumed.next_batch(), want[step], f"resumed batch {step}")
+
+
+def test_min_document_tokens_leaves_short_documents_out_and_counts_them(corpus_dir, tmp_path):
+    short_only = [{"id": f"d{i}", "lang": "deu_Latn", "text": f"kurz {i}"} for i in range(5)]
+    write_documents(str(tmp_path / "short.jsonl"), short_only)
+    sources = (str(corpus_dir / "text-*.jsonl.zst"), str(tmp_path / "short.jsonl"))
+    spec = DataSpec(sources, "byte", SEQ_LEN, GLOBAL_BATCH, seed=5, min_document_tokens=120)
+    lengths = [len(r["text"].encode()) + 2 for r in [*text_records(), *short_only]]
+    batches, loader = reference_batches(spec, 6)
+    served = stream_documents(batches)[:-1]
+    assert len(served) > 20 and min(len(d.tokens) for d in served) >= 120
+    metrics = loader.metrics()
+    assert metrics["data/skipped/short_document"] == sum(n < 120 for n in lengths)
+    assert metrics["data/skipped/language_without_long_documents"] == 1  # deu_Latn: no hang
+    assert "data/lang/deu_Latn/target" not in metrics
+    with pytest.raises(ValueError, match=r"data\.min_document_tokens = 5000 leaves no documents"):
+        GlobalBatchLoader(replace(spec, min_document_tokens=5000), RankSlice(0, 1))
+
+
+def test_whole_long_documents_are_never_cut_and_open_a_row_when_they_do_not_fit(text_spec):
+    long = 96
+    default = stream_documents(reference_batches(text_spec, 10)[0])[:-1]
+    batches, loader = reference_batches(replace(text_spec, whole_long_documents=long), 10)
+    documents = stream_documents(batches)[:-1]
+    pairs = list(zip(documents, default, strict=False))  # the same documents, in order
+    assert all(a.tokens == b.tokens for a, b in pairs)
+    fits = [(a, b) for a, b in pairs if long <= len(a.tokens) <= SEQ_LEN]
+    assert len(fits) > 10 and all(a.pieces == 1 for a, _ in fits)
+    assert sum(b.pieces > 1 for _, b in fits) >= 5  # ones the default packing cuts
+    rows = np.concatenate([batch.tokens for batch in batches])
+    padded = 0
+    for row, following in zip(rows[:-1], rows[1:], strict=True):
+        padding = int((row == SPECIAL.pad).sum())
+        if padding:  # only because the next row opens with a long one that did not fit
+            padded += 1
+            assert following[0] == SPECIAL.bos
+            length = int(np.flatnonzero(following == SPECIAL.eos)[0]) + 1
+            assert padding < length and long <= length
+    assert padded >= 5
+    assert any(a.pieces > 1 for a, _ in pairs if len(a.tokens) < long), "short ones are cut"
+    assert any(a.pieces > 1 for a, _ in pairs if len(a.tokens) > SEQ_LEN), "too long: cut"
+    assert loader.metrics()["data/packing_efficiency"] < 1.0
