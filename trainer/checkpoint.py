@@ -9,11 +9,13 @@ never resumed from, and the next save of that step replaces it. Renaming a direc
 would also be atomic on a local disk, but object stores have no atomic rename; a marker written
 last works everywhere.
 
-Note: the state is world-size independent. Model and optimizer go through
-`get_state_dict`/`set_state_dict`, which store each parameter under its unsharded name and shape,
-so DCP reshards them on load; the trainer state (step, data-loader position, RNG) is the same on
-every rank. Exception: with parallel.ep > 1 the expert weights are stored as per-ep-rank slices
-(`_ep_keys`) and resume only under the same ep.
+Note: the state is independent of the world size and of the parallel layout (dp_replicate,
+dp_shard, ep). Model and optimizer go through `get_state_dict`/`set_state_dict`, and every
+parameter, with its optimizer moments, is stored under its unsharded name and full shape, so DCP
+reshards it on load; the trainer state (step, data-loader position, RNG) is the same on every
+rank. Routed expert weights under parallel.ep > 1 are the one case where a rank's tensor does
+not say where it lies in the full one (a DTensor over the expert FSDP mesh, shaped like the
+rank's E / ep experts): `ExpertRows` places its rows in the full (E, ...) tensor for DCP.
 """
 
 from __future__ import annotations
@@ -27,6 +29,12 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.metadata import (
+    ChunkStorageMetadata,
+    MetadataIndex,
+    TensorProperties,
+)
+from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
@@ -34,78 +42,132 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 from torch.distributed.checkpoint.stateful import Stateful
+from torch.distributed.tensor import DTensor
 
-from parallel.expert import sharded_expert_names
+from parallel.expert import ExpertParallel, sharded_expert_names
 
 COMPLETE_MARKER = "COMPLETE"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
-def _ep_keys(model: nn.Module) -> dict[str, str]:
-    """Storage key of each EP-sharded expert weight: its name plus `.ep{rank}of{size}`.
+class ExpertRows(torch.Tensor):
+    """Rows [first, first + n) of a full (E, ...) expert tensor, as DCP saves and loads them.
 
-    With expert parallelism a rank's expert weight is its ep slice under the full name (a
-    DTensor over the expert FSDP mesh, shaped like the slice): ranks of different ep groups would
-    write different data under one key, and DCP would keep one. The suffix keeps each slice
-    apart; such a checkpoint resumes only under the same parallel.ep (the trainer checks).
+    With expert parallelism a rank's expert weight (or Adam moment) is a DTensor over the expert
+    FSDP mesh whose global shape is that of the rank's ep slice, (E / ep, ...): DCP would store
+    slices of different ep ranks under one name and shape and keep one. This wrapper reports the
+    full shape instead and implements DCP's `_Checkpointable` protocol (as DTensor does) with one
+    chunk at the rank's offset in it: the ep slice's first expert plus the FSDP chunk's offset
+    (`torch.chunk` over the expert dim, so possibly no rows at all). The checkpoint then holds
+    the same full tensors as under ep = 1, readable by any layout and by trainer.convert. Ranks
+    of different replicas (HSDP) announce the same chunk; DCP's save plan keeps one of them and
+    every replica reads it back. Loads write into `local`, which is the DTensor's own storage.
     """
-    return {
-        name: f"{name}.ep{ep.ep_rank}of{ep.ep_size}"
-        for name, ep in sharded_expert_names(model).items()
-    }
+
+    local: torch.Tensor
+    first: int
+    source: torch.Tensor
+    """The tensor the state dict held: handed back to `set_*_state_dict` after a load."""
+
+    @staticmethod
+    def __new__(cls, source: torch.Tensor, ep: ExpertParallel) -> ExpertRows:
+        if isinstance(source, DTensor):  # FSDP-sharded: the chunk's offset in the ep slice
+            (chunk,) = source.__create_chunk_list__()
+            local, offset = source.to_local(), chunk.offsets[0]
+        else:
+            local, offset = source, 0
+        full = torch.Size((ep.n_experts, *source.shape[1:]))
+        rows = torch.Tensor._make_wrapper_subclass(
+            cls, full, dtype=local.dtype, device=local.device
+        )
+        rows.local, rows.source = local, source
+        rows.first = ep.ep_rank * ep.n_local + offset
+        return rows
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN206
+        # A placeholder with no storage of its own: DCP only asks it for chunks and `local`.
+        raise TypeError(f"ExpertRows is a checkpoint placeholder and does not support {func}")
+
+    def _chunks(self) -> list[ChunkStorageMetadata]:
+        if not self.local.shape[0]:
+            return []  # this rank's FSDP chunk of its experts is empty: nothing to save or load
+        offsets = torch.Size((self.first, *[0] * (self.local.dim() - 1)))
+        return [ChunkStorageMetadata(offsets=offsets, sizes=self.local.shape)]
+
+    def __create_write_items__(self, fqn: str, obj: object) -> list[WriteItem]:
+        properties = TensorProperties.create_from_tensor(self.local)
+        return [
+            WriteItem(
+                index=MetadataIndex(fqn, chunk.offsets),
+                type=WriteItemType.SHARD,
+                tensor_data=TensorWriteData(chunk=chunk, properties=properties, size=self.shape),
+            )
+            for chunk in self._chunks()
+        ]
+
+    def __create_chunk_list__(self) -> list[ChunkStorageMetadata]:
+        return self._chunks()
+
+    def __get_tensor_shard__(self, index: MetadataIndex) -> torch.Tensor:
+        return self.local
 
 
-class _StorageKeys:
-    """Parameter name <-> storage key; only EP-sharded expert weights differ (`_ep_keys`)."""
+def _expert_rows(value: Any, ep: ExpertParallel | None) -> Any:
+    """`value` wrapped as `ExpertRows` if it is a tensor of an EP-sharded expert weight.
 
-    def __init__(self, model: nn.Module):
-        self.key_of = _ep_keys(model)
-        self.name_of = {key: name for name, key in self.key_of.items()}
+    Adam's moments are shaped like their parameter, with the expert dim first; its step count is
+    a 0-d tensor, the same for every expert, stored as is.
+    """
+    if ep is None or not isinstance(value, torch.Tensor) or value.dim() == 0:
+        return value
+    return ExpertRows(value, ep)
 
-    def to_storage(self, by_name: dict[str, Any]) -> dict[str, Any]:
-        return {self.key_of.get(name, name): value for name, value in by_name.items()}
 
-    def from_storage(self, by_key: dict[str, Any]) -> dict[str, Any]:
-        return {self.name_of.get(key, key): value for key, value in by_key.items()}
+def _source(value: Any) -> Any:
+    return value.source if isinstance(value, ExpertRows) else value
 
 
 class ModelState(Stateful):
-    """Model weights keyed by unsharded parameter names (reshardable, except EP experts)."""
+    """Model weights keyed by unsharded parameter names, in full shapes (reshardable)."""
 
     def __init__(self, model: nn.Module):
         self.model = model
-        self.keys = _StorageKeys(model)
+        self.experts = sharded_expert_names(model)
 
     def state_dict(self) -> dict[str, Any]:
-        return self.keys.to_storage(get_model_state_dict(self.model))
+        state = get_model_state_dict(self.model)
+        return {name: _expert_rows(value, self.experts.get(name)) for name, value in state.items()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        set_model_state_dict(self.model, self.keys.from_storage(state))
+        set_model_state_dict(self.model, {name: _source(value) for name, value in state.items()})
 
 
 class OptimizerState(Stateful):
-    """Optimizer state keyed by unsharded parameter names (reshardable, except EP experts)."""
+    """Optimizer state keyed by unsharded parameter names, in full shapes (reshardable)."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
         self.model, self.optimizer = model, optimizer
-        self.keys = _StorageKeys(model)
+        self.experts = sharded_expert_names(model)
 
     def state_dict(self) -> dict[str, Any]:
         state = get_optimizer_state_dict(self.model, self.optimizer)
-        return {**state, "state": self.keys.to_storage(state["state"])}
+        per_param = {
+            name: {key: _expert_rows(value, self.experts.get(name)) for key, value in kept.items()}
+            for name, kept in state["state"].items()
+        }
+        return {**state, "state": per_param}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        per_param = self.keys.from_storage(state["state"])
+        per_param = {
+            name: {key: _source(value) for key, value in kept.items()}
+            for name, kept in state["state"].items()
+        }
         set_optimizer_state_dict(self.model, self.optimizer, {**state, "state": per_param})
 
 
 def load_model_weights(path: str, model: nn.Module) -> None:
     """Only the model weights of a checkpoint (a run's or one written by trainer.convert)."""
-    if _ep_keys(model):
-        raise ValueError(
-            "checkpoint.init_from cannot load weights into a model with parallel.ep > 1 yet "
-            "(expert weights are per-ep-rank slices); start with parallel.ep = 1"
-        )
     dcp.load({"model": ModelState(model)}, storage_reader=_reader(path))
 
 
@@ -149,9 +211,7 @@ class CheckpointManager:
         dist.barrier()
 
     def load(self, step: int, state: dict[str, Stateful]) -> None:
-        """Load the entries of `state` in turn: an early one can refuse before the rest is read."""
-        for key, value in state.items():
-            dcp.load({key: value}, storage_reader=_reader(self.step_dir(step)))
+        dcp.load(state, storage_reader=_reader(self.step_dir(step)))
 
     def _prune(self) -> None:
         if self.keep <= 0:

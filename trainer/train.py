@@ -43,25 +43,17 @@ from trainer.optim import build_optimizer, lr_at, set_lr
 class TrainState(Stateful):
     """Everything besides model and optimizer that an exact resume needs."""
 
-    def __init__(self, loader: GlobalBatchLoader | BackgroundLoader, ep: int = 1):
+    def __init__(self, loader: GlobalBatchLoader | BackgroundLoader):
         self.step = 0
         self.loader = loader
-        self.ep = ep
-        """parallel.ep: with ep > 1 the expert weights are saved as per-ep-rank slices."""
 
     def state_dict(self) -> dict[str, Any]:
         # The loader's state is nested and its shape varies (e.g. mid-document or not); DCP
         # needs the same keys at save and load, so it travels as one JSON string.
         loader = json.dumps(self.loader.state_dict(), sort_keys=True)
-        return {"step": self.step, "loader": loader, "rng": torch.get_rng_state(), "ep": self.ep}
+        return {"step": self.step, "loader": loader, "rng": torch.get_rng_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if int(state["ep"]) != self.ep:
-            raise ValueError(
-                f"the checkpoint was saved with parallel.ep = {int(state['ep'])}, but this run "
-                f"has parallel.ep = {self.ep}: expert weights are stored as per-ep-rank slices "
-                "and cannot be resharded to another ep yet; resume with the same parallel.ep"
-            )
         self.step = int(state["step"])
         self.loader.load_state_dict(json.loads(state["loader"]))
         torch.set_rng_state(state["rng"])
@@ -90,8 +82,6 @@ class Trainer:
     """With parallel.cp > 1: this rank's share of each row, for the labels."""
 
     def checkpoint_state(self) -> dict[str, Stateful]:
-        # "train" first: `CheckpointManager.load` loads in this order, so a checkpoint of another
-        # parallel.ep is refused before any weight is read.
         return {
             "train": self.state,
             "model": ModelState(self.model),
@@ -142,7 +132,7 @@ def build_trainer(cfg: Config, ctx: DistributedContext) -> Trainer:
         model=model,
         optimizer=build_optimizer(model, cfg.optim),
         loader=loader,
-        state=TrainState(loader, dims.ep),
+        state=TrainState(loader),
         checkpoints=CheckpointManager(t.run_dir, cfg.checkpoint.keep, ctx.rank),
         metrics=MetricsLogger(t.run_dir, ctx.rank == 0, cfg.metrics.tensorboard),
         micro_batches=per_rank // micro,
