@@ -188,8 +188,64 @@ class MetricsConfig:
 
 @dataclass
 class FP8Config:
+    """FP8 matmuls (trainer/precision): which backend, which scaling recipe, which layers."""
+
     backend: str = "off"
-    """"off" in this version; the Transformer Engine and torch-native backends are planned."""
+    """"off", "torch" (torch._scaled_mm; CPU and CUDA) or "te" (Transformer Engine; CUDA)."""
+    recipe: str = "delayed"
+    """Scaling: "delayed" (per-tensor, from an amax history), "current" (per-tensor, from the
+    tensor itself), "blockwise" (1x128 activation tiles, 128x128 weight blocks, DeepSeek-V3)
+    or "mxfp8" (32-element blocks, power-of-two scales; backend "te" on Blackwell only)."""
+    format: str = "hybrid"
+    """"hybrid": E4M3 inputs and weights, E5M2 gradients; "e4m3": E4M3 everywhere."""
+    margin: int = 0
+    """Scales leave 2^margin of headroom: scale = fp8_max / amax / 2^margin."""
+    amax_history_len: int = 16
+    """Delayed scaling: optimizer steps of amax kept per tensor."""
+    amax_compute_algo: str = "max"
+    """Delayed scaling: the amax a scale is computed from, "max" of the history or
+    "most_recent"."""
+    layers: list[str] = field(
+        default_factory=lambda: ["attention", "dense_ffn", "shared_expert", "experts"]
+    )
+    """Linear layers run in FP8: any of "attention" (wq, wk, wv, wo), "dense_ffn",
+    "shared_expert", "experts" (routed) and "output" (the head). The router, embeddings, norms
+    and the vision tower always stay in the compute dtype."""
+    track_saturation: bool = True
+    """Count values that overflow (saturate) or underflow to zero when quantised, for metrics
+    (two extra passes over each quantised tensor)."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        _require_choice("precision.fp8.backend", self.backend, FP8_BACKENDS)
+        _require_choice("precision.fp8.recipe", self.recipe, FP8_RECIPES)
+        _require_choice("precision.fp8.format", self.format, ("hybrid", "e4m3"))
+        _require_choice(
+            "precision.fp8.amax_compute_algo", self.amax_compute_algo, ("max", "most_recent")
+        )
+        if self.margin < 0 or self.amax_history_len < 1:
+            raise ConfigError(
+                "precision.fp8.margin must be >= 0 and precision.fp8.amax_history_len >= 1; got "
+                f"{self.margin} and {self.amax_history_len}"
+            )
+        unknown = [name for name in self.layers if name not in FP8_LAYERS]
+        if unknown or len(set(self.layers)) != len(self.layers):
+            raise ConfigError(
+                f"precision.fp8.layers must name distinct layer kinds among "
+                f"{', '.join(FP8_LAYERS)}; got {self.layers}"
+            )
+        if self.recipe == "mxfp8" and self.backend == "torch":
+            raise ConfigError(
+                'precision.fp8.recipe = "mxfp8" needs precision.fp8.backend = "te" (MXFP8 '
+                "needs Blackwell tensor cores); the torch backend has delayed, current, blockwise"
+            )
+
+
+FP8_BACKENDS = ("off", "torch", "te")
+FP8_RECIPES = ("delayed", "current", "blockwise", "mxfp8")
+FP8_LAYERS = ("attention", "dense_ffn", "shared_expert", "experts", "output")
 
 
 @dataclass
@@ -221,7 +277,7 @@ class Config:
         _require_choice("data.on_error", self.data.on_error, ("raise", "skip"))
         if self.data.num_workers < 0 or self.data.prefetch < 1:
             raise ConfigError("data.num_workers must be >= 0 and data.prefetch >= 1")
-        _require_choice("precision.fp8.backend", self.precision.fp8.backend, ("off",))
+        _require_choice("precision.fp8.backend", self.precision.fp8.backend, FP8_BACKENDS)
         for key in ("steps", "global_batch_size", "seq_len"):
             if getattr(t, key) <= 0:
                 raise ConfigError(f"training.{key} must be positive, got {getattr(t, key)}")
