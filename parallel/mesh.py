@@ -51,6 +51,7 @@ groups. Any E dividing S*C works: token dispatch only needs E ranks holding dist
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -212,20 +213,26 @@ class DistributedContext:
     device: torch.device
 
 
-def init_distributed(device_type: str) -> DistributedContext:
+def init_distributed(device_type: str, timeout_s: float = 600.0) -> DistributedContext:
     """Join the torchrun job, or form a one-rank group when started as a plain process.
 
     A one-rank group keeps a single code path: the model is always wrapped with FSDP2 and saved
-    with DCP, whether the job has one process or thousands.
+    with DCP, whether the job has one process or thousands. A collective still waiting after
+    `timeout_s` raises (gloo) or aborts the communicator (nccl's watchdog) with the operation in
+    the message, so a dead or stuck rank ends the job instead of hanging it; every group made
+    later (device meshes) inherits the timeout.
     """
     backend = "nccl" if device_type == "cuda" else "gloo"
+    timeout = datetime.timedelta(seconds=timeout_s)
     if "RANK" in os.environ:
         rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, timeout=timeout)
     else:
         rank, world_size, local_rank = 0, 1, 0
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group(
+            backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
+        )
     if device_type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)

@@ -196,7 +196,11 @@ class CheckpointManager:
         steps = self.complete_steps()
         return steps[-1] if steps else None
 
-    def save(self, step: int, state: dict[str, Stateful]) -> None:
+    def save(
+        self, step: int, state: dict[str, Stateful], stage: str = "", stage_end: bool = False
+    ) -> None:
+        """Write `state` for `step`; the marker names the stage, and a stage's last checkpoint
+        (`stage_end`) is kept whatever checkpoint.keep says: the next stage starts from it."""
         path = self.step_dir(step)
         _, fs_path = fsspec.core.url_to_fs(path)
         if self.rank == 0 and self.fs.exists(fs_path):
@@ -206,7 +210,8 @@ class CheckpointManager:
         dist.barrier()  # every rank's shards are on storage before the marker says so
         if self.rank == 0:
             with self.fs.open(f"{fs_path}/{COMPLETE_MARKER}", "w") as f:
-                json.dump({"step": step, "world_size": dist.get_world_size()}, f)
+                marker = {"step": step, "world_size": dist.get_world_size(), "stage": stage}
+                json.dump({**marker, "stage_end": stage_end}, f)
             self._prune()
         dist.barrier()
 
@@ -218,6 +223,9 @@ class CheckpointManager:
             return
         for step in self.complete_steps()[: -self.keep]:
             _, fs_path = fsspec.core.url_to_fs(self.step_dir(step))
+            with self.fs.open(f"{fs_path}/{COMPLETE_MARKER}") as f:
+                if json.load(f).get("stage_end"):
+                    continue
             self.fs.rm(fs_path, recursive=True)
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.model.config import ConfigError, ModelConfig
+from trainer.stages import StageConfig, stage_configs, total_steps
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -95,6 +96,16 @@ class TrainingConfig:
     stop_after_steps: int = 0
     """End this invocation after this many steps (with a checkpoint) even if training.steps is
     not reached; re-running resumes. For time-limited allocations. 0: run to training.steps."""
+    max_nonfinite_steps: int = 3
+    """A step with a non-finite loss or gradient norm is skipped (no update); this many in a
+    row roll back to the newest checkpoint and skip those batches (trainer/health.py)."""
+    loss_spike_factor: float = 0.0
+    """Roll back (and skip the batch) when a loss exceeds this factor times the mean of the last
+    loss_spike_window losses; 0 disables."""
+    loss_spike_window: int = 50
+    collective_timeout_s: float = 600.0
+    """A collective that has not completed after this many seconds fails the job, naming the
+    operation, instead of hanging forever (a rank died or is stuck)."""
 
 
 @dataclass
@@ -111,6 +122,32 @@ class OptimConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
+    parametrization: str = "standard"
+    """"standard" (one lr, the model's own init) or "metap": per-parameter-group init scales and
+    lr multipliers from the model's shapes relative to the base shapes below, so that lr and
+    init_std tuned at the base shapes transfer (trainer/parametrization.py has the formulas)."""
+    base_width: int = 128
+    """MetaP: the fan-in at which a matrix keeps model.init_std and lr x 1 (the width lr was
+    tuned at; the default is configs/tiny_cpu.toml's model.dim)."""
+    base_depth: int = 4
+    """MetaP: the number of layers lr was tuned at (residual branches scale with it)."""
+    base_batch_size: int = 0
+    """MetaP: the training.global_batch_size lr was tuned at; every lr then scales with
+    sqrt(global_batch_size / base_batch_size). 0: no batch-size scaling."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        _require_choice("optim.parametrization", self.parametrization, ("standard", "metap"))
+        for key in ("base_width", "base_depth"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"optim.{key} must be positive, got {getattr(self, key)}")
+        if self.base_batch_size < 0:
+            raise ConfigError(
+                f"optim.base_batch_size must be >= 0 (0: no batch-size scaling), "
+                f"got {self.base_batch_size}"
+            )
 
 
 @dataclass
@@ -263,6 +300,9 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    stages: list[StageConfig] = field(default_factory=list)
+    """`[[stages]]`: phases with their own sequence length, batch, RoPE, schedule, cp and data
+    (trainer/stages.py). When given, training.steps is derived: the stages' steps end to end."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -289,6 +329,9 @@ class Config:
         if not 0.0 <= o.min_lr_ratio <= 1.0 or not 0.0 < o.decay_fraction <= 1.0:
             raise ConfigError("optim.min_lr_ratio must lie in [0, 1] and decay_fraction in (0, 1]")
         self._validate_parallel()
+        if self.stages:
+            self.training.steps = total_steps(self)
+            stage_configs(self)  # each stage resolves to a valid config, or the error names it
 
     def _validate_parallel(self) -> None:
         """What needs the model or the sequence length besides ParallelConfig.
@@ -380,6 +423,10 @@ def _convert(expected: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key} is a section; got the value {value!r}")
         return build_dataclass(expected, value, prefix=f"{key}.")
     origin = typing.get_origin(expected)
+    if origin is dict:  # a free-form table (stage overrides), checked by its consumer
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} is a table; got the value {value!r}")
+        return dict(value)
     if origin is list:
         (item_type,) = typing.get_args(expected)
         if isinstance(value, str):  # a single CLI value for a list key
@@ -409,13 +456,30 @@ def to_toml(config: Config) -> str:
 
 
 def _write_section(values: dict[str, Any], path: list[str], lines: list[str]) -> None:
-    scalars = {k: v for k, v in values.items() if not isinstance(v, dict)}
+    def is_table_array(value: Any) -> bool:
+        return isinstance(value, list) and bool(value) and isinstance(value[0], dict)
+
+    scalars = {k: v for k, v in values.items() if not isinstance(v, dict) and not is_table_array(v)}
     if path and scalars:
         lines.append(f"\n[{'.'.join(path)}]")
     lines.extend(f"{key} = {_toml_value(value)}" for key, value in scalars.items())
     for key, value in values.items():
         if isinstance(value, dict):
             _write_section(value, [*path, key], lines)
+    for key, value in values.items():
+        if is_table_array(value):  # [[key]] entries, each followed by its own sub-tables
+            for entry in value:
+                lines.append(f"\n[[{'.'.join([*path, key])}]]")
+                _write_array_entry(entry, [*path, key], lines)
+
+
+def _write_array_entry(values: dict[str, Any], path: list[str], lines: list[str]) -> None:
+    tables = {k: v for k, v in values.items() if isinstance(v, dict)}
+    lines.extend(f"{k} = {_toml_value(v)}" for k, v in values.items() if k not in tables)
+    for key, table in tables.items():
+        if table:
+            lines.append(f"[{'.'.join([*path, key])}]")
+            lines.extend(f"{k} = {_toml_value(v)}" for k, v in table.items())
 
 
 def _toml_value(value: Any) -> str:

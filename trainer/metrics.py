@@ -7,12 +7,14 @@ to synchronise with the device.
 from __future__ import annotations
 
 import json
+import resource
 import sys
 import time
 from typing import Any
 
 import fsspec
 import torch
+import torch.distributed as dist
 
 from trainer.model.moe import MoE
 
@@ -62,6 +64,33 @@ def expert_load_metrics(loads: dict[int, torch.Tensor]) -> dict[str, float]:
     return metrics
 
 
+def peak_memory_bytes(device: torch.device) -> int:
+    """This process's peak memory so far: CUDA allocations on a GPU, resident set on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def rank_spread(step_seconds: float, device: torch.device) -> dict[str, float]:
+    """Slowest rank and largest memory over all ranks (a collective: every rank calls it).
+
+    `step_seconds` is this rank's training time over the log window; a straggler shows up as
+    `ranks/slowest` holding the same rank while `ranks/step_time_max` stays above the mean.
+    """
+    mine = torch.tensor([step_seconds, float(peak_memory_bytes(device))], dtype=torch.float64)
+    per_rank = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(per_rank, mine.to(device) if device.type == "cuda" else mine)
+    times, memory = torch.stack([t.cpu() for t in per_rank]).T
+    return {
+        "ranks/step_time_max": float(times.max()),
+        "ranks/step_time_mean": float(times.mean()),
+        "ranks/slowest": float(times.argmax()),
+        "memory/peak_gib_max": float(memory.max()) / 2**30,
+        "memory/peak_gib_mean": float(memory.mean()) / 2**30,
+        "memory/largest_rank": float(memory.argmax()),
+    }
+
+
 def collect_expert_loads(moe_layers: dict[int, MoE]) -> dict[int, torch.Tensor]:
     return {layer: moe.pop_expert_load() for layer, moe in moe_layers.items()}
 
@@ -79,4 +108,6 @@ def format_console(step: int, total_steps: int, scalars: dict[str, float]) -> st
         parts.append(f"moe max/mean {max(balance):.2f}")
     if "mfu" in scalars:
         parts.append(f"mfu {scalars['mfu']:.1%}")
+    if "memory/peak_gib_max" in scalars:
+        parts.append(f"mem {scalars['memory/peak_gib_max']:.2f} GiB")
     return " | ".join(parts)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
@@ -34,29 +34,69 @@ from trainer.checkpoint import (
     load_model_weights,
 )
 from trainer.config import Config, ConfigError, load_config, split_cli, to_toml
-from trainer.metrics import MetricsLogger, collect_expert_loads, expert_load_metrics, format_console
+from trainer.health import APPLY, ROLLBACK, TrainingHealth
+from trainer.metrics import (
+    MetricsLogger,
+    collect_expert_loads,
+    expert_load_metrics,
+    format_console,
+    rank_spread,
+)
 from trainer.model.config import count_parameters, flops_per_token
 from trainer.model.transformer import Transformer
 from trainer.optim import build_optimizer, lr_at, set_lr
+from trainer.parametrization import build_parametrization, refuse_other_parametrization
+from trainer.parametrization import describe as describe_parametrization
+from trainer.parametrization import init_weights as init_metap_weights
+from trainer.preemption import Preemption
+from trainer.stages import Stage, stage_configs
 
 
 class TrainState(Stateful):
     """Everything besides model and optimizer that an exact resume needs."""
 
-    def __init__(self, loader: GlobalBatchLoader | BackgroundLoader):
+    def __init__(self, loader: GlobalBatchLoader | BackgroundLoader, stage: int = 0):
         self.step = 0
         self.loader = loader
+        self.stage = stage
+        """Index of the stage being trained: its loader is the one whose position is saved."""
+        self.batches = 0
+        """Batches this stage has drawn from its loader, skipped ones included."""
+        self.skip_batches: list[int] = []
+        """Batch numbers (1-based, this stage) a rollback marked as offending: never trained."""
+        self._fresh_loader = json.dumps(loader.state_dict(), sort_keys=True)
 
     def state_dict(self) -> dict[str, Any]:
         # The loader's state is nested and its shape varies (e.g. mid-document or not); DCP
         # needs the same keys at save and load, so it travels as one JSON string.
         loader = json.dumps(self.loader.state_dict(), sort_keys=True)
-        return {"step": self.step, "loader": loader, "rng": torch.get_rng_state()}
+        return {
+            "step": self.step,
+            "loader": loader,
+            "rng": torch.get_rng_state(),
+            "stage": self.stage,
+            "batches": self.batches,
+            "skip_batches": json.dumps(self.skip_batches),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
-        self.loader.load_state_dict(json.loads(state["loader"]))
         torch.set_rng_state(state["rng"])
+        if int(state["stage"]) == self.stage:
+            self.loader.load_state_dict(json.loads(state["loader"]))
+            self.batches = int(state["batches"])
+            self.skip_batches = json.loads(state["skip_batches"])
+        else:  # the end of the previous stage: this stage's data starts from the beginning
+            self.loader.load_state_dict(json.loads(self._fresh_loader))
+            self.batches, self.skip_batches = 0, []
+
+    def next_rows(self) -> Batch:
+        """The next batch to train on, passing over the batches a rollback marked."""
+        while self.batches + 1 in self.skip_batches:
+            self.loader.next_batch()
+            self.batches += 1
+        self.batches += 1
+        return self.loader.next_batch()
 
 
 @dataclass
@@ -65,6 +105,10 @@ class StepResult:
     router_loss: float
     grad_norm: float
     valid_tokens: int
+    verdict: str
+    """trainer.health: "apply" (the update was made), "skip" or "rollback" (it was not)."""
+    seconds: dict[str, float]
+    """Host time of the step's phases: forward, backward, optimizer."""
 
 
 @dataclass
@@ -80,6 +124,9 @@ class Trainer:
     micro_batches: int
     sequence_split: ContextParallel | None = None
     """With parallel.cp > 1: this rank's share of each row, for the labels."""
+    stage: Stage | None = None
+    """The stage being trained (trainer/stages.py); `cfg` is its resolved config."""
+    health: TrainingHealth | None = None
 
     def checkpoint_state(self) -> dict[str, Stateful]:
         return {
@@ -97,7 +144,9 @@ def resolve_device_type(device: str) -> str:
     return device
 
 
-def build_trainer(cfg: Config, ctx: DistributedContext) -> Trainer:
+def build_trainer(cfg: Config, ctx: DistributedContext, stage: Stage | None = None) -> Trainer:
+    """Everything one stage trains with; `cfg` is the stage's resolved config (or the run's)."""
+    stage = stage or stage_configs(cfg)[0]
     t = cfg.training
     p = cfg.parallel
     try:
@@ -121,6 +170,12 @@ def build_trainer(cfg: Config, ctx: DistributedContext) -> Trainer:
     torch.manual_seed(t.seed)  # identical initial weights on every rank, for any world size
     model = Transformer(cfg.model).to(ctx.device)
     model.init_weights()
+    parametrization = build_parametrization(model, cfg.model, cfg.optim, t.global_batch_size)
+    init_metap_weights(model, parametrization)  # standard: nothing (not even an RNG draw)
+    checkpoints = CheckpointManager(t.run_dir, cfg.checkpoint.keep, ctx.rank)
+    resume_step = checkpoints.latest_step() if cfg.checkpoint.resume else None
+    if resume_step is not None:  # before anything is read: other groups would not load
+        refuse_other_parametrization(checkpoints.step_dir(resume_step), parametrization)
     dtype = torch.bfloat16 if t.dtype == "bfloat16" else torch.float32
     meshes = dims.build_mesh(ctx.device.type)
     sequence_split = parallelize_model(model, meshes, dtype, p.checkpoint_every)
@@ -130,13 +185,15 @@ def build_trainer(cfg: Config, ctx: DistributedContext) -> Trainer:
         cfg=cfg,
         ctx=ctx,
         model=model,
-        optimizer=build_optimizer(model, cfg.optim),
+        optimizer=build_optimizer(model, cfg.optim, parametrization),
         loader=loader,
-        state=TrainState(loader),
-        checkpoints=CheckpointManager(t.run_dir, cfg.checkpoint.keep, ctx.rank),
+        state=TrainState(loader, stage.index),
+        checkpoints=checkpoints,
         metrics=MetricsLogger(t.run_dir, ctx.rank == 0, cfg.metrics.tensorboard),
         micro_batches=per_rank // micro,
         sequence_split=sequence_split,
+        stage=stage,
+        health=TrainingHealth(t.max_nonfinite_steps, t.loss_spike_factor, t.loss_spike_window),
     )
 
 
@@ -221,7 +278,9 @@ def train_step(trainer: Trainer, rows: Batch) -> StepResult:
     router_total = torch.zeros((), device=device)
     dp_size = trainer.ctx.world_size
     router_weight = 1.0 / n_micro
+    seconds = {"forward": 0.0, "backward": 0.0}
     for batch in micro:
+        start = _now(device)
         out = model(
             batch["tokens"],
             batch["positions"],
@@ -235,35 +294,55 @@ def train_step(trainer: Trainer, rows: Batch) -> StepResult:
             reduction="sum",
         )
         loss = ce_sum * dp_size / global_valid + out.router_loss * router_weight
+        middle = _now(device)
         loss.backward()
+        seconds["forward"] += middle - start
+        seconds["backward"] += _now(device) - middle
         ce_total += ce_sum.detach()
         router_total += out.router_loss.detach() * router_weight / dp_size
+    start = _now(device)
     max_norm = trainer.cfg.training.max_grad_norm or float("inf")
     if trainer.cfg.parallel.ep > 1:
         grad_norm = expert_parallel.clip_grad_norm_(model, max_norm)  # experts on their own mesh
     else:
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm, foreach=True)
-    trainer.optimizer.step()
-    trainer.optimizer.zero_grad(set_to_none=True)
-    totals = all_reduce_sum(torch.stack([ce_total, router_total]))
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    totals = all_reduce_sum(torch.stack([ce_total, router_total]))
+    step_loss = float(totals[0] / global_valid)  # note: host sync, once per step
+    verdict = trainer.health.verdict(step_loss, float(grad_norm), trainer.state.batches)
+    if verdict == APPLY:
+        trainer.optimizer.step()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    seconds["optimizer"] = _now(device) - start
     return StepResult(
-        loss=float(totals[0] / global_valid),  # note: host sync, once per step
+        loss=step_loss,
         router_loss=float(totals[1]),
         grad_norm=float(grad_norm),
         valid_tokens=int(global_valid),
+        verdict=verdict,
+        seconds=seconds,
     )
 
 
-def balance_experts(trainer: Trainer) -> dict[int, torch.Tensor]:
-    """Sum each MoE layer's expert load over ranks, step the balancing bias, return the loads."""
+def _now(device: torch.device) -> float:
+    """Host time after the device's queued work: phases are then timed, not just launched."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def balance_experts(trainer: Trainer, update: bool = True) -> dict[int, torch.Tensor]:
+    """Sum each MoE layer's expert load over ranks, step the balancing bias, return the loads.
+
+    A step whose update was not applied (trainer.health) leaves the bias alone too.
+    """
     moe_layers = trainer.model.moe_layers()
     loads = collect_expert_loads(moe_layers)
     if loads:
         stacked = all_reduce_sum(torch.stack(list(loads.values())))
         loads = dict(zip(loads.keys(), stacked, strict=True))
     rate = trainer.cfg.model.router_bias_update_rate
-    if rate:
+    if rate and update:
         for layer, moe in moe_layers.items():
             moe.update_expert_bias(loads[layer], rate)
     return loads
@@ -285,56 +364,147 @@ def resume(trainer: Trainer) -> None:
 
 
 def should_save(trainer: Trainer, step: int, last_step: int) -> bool:
+    """At the interval and the invocation's last step; always where a stage hands over."""
+    stage = trainer.stage
+    if step == stage.last_step and not stage.final:
+        return True  # the next stage starts from this checkpoint (its model is rebuilt)
     interval = trainer.cfg.checkpoint.interval
     return interval > 0 and (step % interval == 0 or step == last_step)
 
 
-def train_loop(trainer: Trainer) -> None:
-    cfg = trainer.cfg
+def train_loop(trainer: Trainer, stop_at: int, preemption: Preemption) -> bool:
+    """Train the stage's steps after the current one, up to its last step or `stop_at`.
+
+    Returns True when a preemption signal ended it early (after a checkpoint).
+    """
+    cfg, stage, state = trainer.cfg, trainer.stage, trainer.state
     t = cfg.training
-    last_step = t.steps
-    if t.stop_after_steps:
-        last_step = min(t.steps, trainer.state.step + t.stop_after_steps)
-    tokens_per_step = t.global_batch_size * t.seq_len
-    flops_per_step = flops_per_token(cfg.model, t.seq_len) * tokens_per_step
-    # Since the last log: training time (checkpoints excluded), steps and summed losses.
-    window_time, window_steps, window_loss = 0.0, 0, 0.0
-    for step in range(trainer.state.step + 1, last_step + 1):
+    last_step = min(stage.last_step, stop_at)
+    window = LogWindow()
+    step = state.step + 1
+    while step <= last_step:
         step_start = time.perf_counter()
-        lr = lr_at(step, t.steps, cfg.optim)
+        lr = lr_at(stage.local_step(step), stage.steps, cfg.optim)
         set_lr(trainer.optimizer, lr)
-        result = train_step(trainer, trainer.loader.next_batch())
-        loads = balance_experts(trainer)
-        trainer.state.step = step
-        window_time += time.perf_counter() - step_start
-        window_steps += 1
-        window_loss += result.loss
+        rows = state.next_rows()
+        data_wait = time.perf_counter() - step_start
+        result = train_step(trainer, rows)
+        loads = balance_experts(trainer, update=result.verdict == APPLY)
+        if result.verdict == ROLLBACK:
+            roll_back(trainer)
+            step, window = state.step + 1, LogWindow()
+            continue
+        state.step = step
+        window.add(time.perf_counter() - step_start, data_wait, result)
         if step % cfg.metrics.log_interval == 0 or step == last_step:
-            elapsed = window_time
             scalars = {
-                "loss": window_loss / window_steps,
                 "lr": lr,
                 "grad_norm": result.grad_norm,
                 "router_loss": result.router_loss,
-                "tokens_per_s": tokens_per_step * window_steps / elapsed,
+                **window.scalars(t.global_batch_size * t.seq_len, trainer.ctx.world_size),
                 **expert_load_metrics(loads),
                 **trainer.loader.metrics(),
+                **trainer.health.metrics(),
+                **rank_spread(window.seconds / window.steps, trainer.ctx.device),
+                **eta(stage, step, window.seconds / window.steps),
             }
             if cfg.metrics.peak_flops_per_device:
-                peak = cfg.metrics.peak_flops_per_device * trainer.ctx.world_size
-                scalars["mfu"] = flops_per_step * window_steps / elapsed / peak
-            trainer.metrics.log(step, scalars, format_console(step, t.steps, scalars))
-            window_time, window_steps, window_loss = 0.0, 0, 0.0
-        if should_save(trainer, step, last_step):
-            trainer.checkpoints.save(step, trainer.checkpoint_state())
+                flops = flops_per_token(cfg.model, t.seq_len) * scalars["tokens_per_s"]
+                scalars["mfu"] = flops / (
+                    cfg.metrics.peak_flops_per_device * trainer.ctx.world_size
+                )
+            console = format_console(step, stage.run_steps, scalars)
+            trainer.metrics.log(step, scalars, console)
+            window = LogWindow(save_seconds=window.save_seconds)
+        saved = should_save(trainer, step, last_step)
+        if saved:
+            window.save_seconds = save(trainer, step)  # reported with the next log line
+        if preemption.requested(trainer.ctx.device):
+            if not saved:
+                save(trainer, step)
+            if trainer.ctx.rank == 0:
+                print(f"preempted: checkpoint at step {step} written, exiting", flush=True)
+            return True
+        step += 1
+    return False
 
 
-def announce(trainer: Trainer) -> None:
+@dataclass
+class LogWindow:
+    """Sums since the last log line: steps, losses and where the time went."""
+
+    steps: int = 0
+    loss: float = 0.0
+    seconds: float = 0.0
+    phases: dict[str, float] = field(default_factory=dict)
+    save_seconds: float | None = None
+    """The last checkpoint save's blocking time, until a log line has reported it."""
+
+    def add(self, seconds: float, data_wait: float, result: StepResult) -> None:
+        self.steps += 1
+        self.loss += result.loss
+        self.seconds += seconds
+        for phase, value in {"data_wait": data_wait, **result.seconds}.items():
+            self.phases[phase] = self.phases.get(phase, 0.0) + value
+
+    def scalars(self, tokens_per_step: int, world_size: int) -> dict[str, float]:
+        tokens_per_s = tokens_per_step * self.steps / self.seconds
+        saves = {} if self.save_seconds is None else {"checkpoint/save_s": self.save_seconds}
+        self.save_seconds = None
+        return {
+            **saves,
+            "loss": self.loss / self.steps,
+            "tokens_per_s": tokens_per_s,
+            "tokens_per_s_per_device": tokens_per_s / world_size,
+            "time/step_s": self.seconds / self.steps,
+            **{f"time/{phase}_s": value / self.steps for phase, value in self.phases.items()},
+        }
+
+
+def eta(stage: Stage, step: int, step_seconds: float) -> dict[str, float]:
+    """Seconds left in the stage and in the run, at the current step time."""
+    return {
+        "eta/stage_s": (stage.last_step - step) * step_seconds,
+        "eta/run_s": (stage.run_steps - step) * step_seconds,
+    }
+
+
+def save(trainer: Trainer, step: int) -> float:
+    """Write a checkpoint; return the seconds training was blocked by it."""
+    start = time.perf_counter()
+    stage = trainer.stage
+    trainer.checkpoints.save(step, trainer.checkpoint_state(), stage.name, step == stage.last_step)
+    return time.perf_counter() - start
+
+
+def roll_back(trainer: Trainer) -> None:
+    """Reload the newest checkpoint and mark the offending batches so they are never trained."""
+    offending = trainer.health.rolled_back()
+    step = trainer.checkpoints.latest_step()
+    if step is None:
+        raise RuntimeError(
+            f"training went wrong at step {trainer.state.step + 1} (batches {offending} of stage "
+            f"{trainer.stage.name}: non-finite or spiking loss) and there is no checkpoint to "
+            "roll back to; lower the learning rate or save earlier (checkpoint.interval)"
+        )
+    skip = sorted(set(trainer.state.skip_batches) | set(offending))
+    trainer.checkpoints.load(step, trainer.checkpoint_state())
+    if trainer.state.stage == trainer.stage.index:  # else the stage restarts with no skips
+        trainer.state.skip_batches = sorted(set(trainer.state.skip_batches) | set(skip))
+    if trainer.ctx.rank == 0:
+        print(
+            f"rolled back to step {step}: batches {offending} of stage {trainer.stage.name} "
+            "will be skipped",
+            flush=True,
+        )
+
+
+def announce(trainer: Trainer, run_cfg: Config) -> None:
     """Print the resolved config and model size, and save the config in the run directory."""
     if trainer.ctx.rank != 0:
         return
-    text = to_toml(trainer.cfg)
-    run_dir = trainer.cfg.training.run_dir.rstrip("/")
+    text = to_toml(run_cfg)
+    run_dir = run_cfg.training.run_dir.rstrip("/")
     fs, path = fsspec.core.url_to_fs(run_dir)
     fs.makedirs(path, exist_ok=True)
     with fs.open(f"{path}/config.toml", "w") as f:
@@ -342,21 +512,70 @@ def announce(trainer: Trainer) -> None:
     params = count_parameters(trainer.cfg.model)
     print(text + f"# parameters: {params}\n# world size: {trainer.ctx.world_size}", flush=True)
     trainer.metrics.log_text("config", text)
+    c = trainer.cfg
+    batch = c.training.global_batch_size
+    parametrization = build_parametrization(trainer.model, c.model, c.optim, batch)
+    groups = describe_parametrization(parametrization, trainer.model, c.optim)
+    print(groups, flush=True)
+    trainer.metrics.log_text("parametrization", groups)
+
+
+def announce_stage(trainer: Trainer) -> None:
+    stage, t, m = trainer.stage, trainer.cfg.training, trainer.cfg.model
+    if trainer.ctx.rank == 0:
+        print(
+            f"stage {stage.name}: steps {stage.first_step}-{stage.last_step}, seq_len {t.seq_len}, "
+            f"{t.global_batch_size} rows, rope_theta {m.rope_theta}, chunk "
+            f"{m.attention_chunk_size}, cp {trainer.cfg.parallel.cp}",
+            flush=True,
+        )
+
+
+def completed_step(cfg: Config, rank: int) -> int:
+    """The step of the checkpoint this invocation resumes from (0 if none)."""
+    if not cfg.checkpoint.resume:
+        return 0
+    manager = CheckpointManager(cfg.training.run_dir, cfg.checkpoint.keep, rank)
+    return manager.latest_step() or 0
 
 
 def train(cfg: Config) -> None:
-    ctx = init_distributed(resolve_device_type(cfg.training.device))
+    """Train every stage in turn; each builds its own model, parallelism and data from the
+    checkpoint the previous one ended with (a stage may change seq_len, RoPE, cp, ...)."""
+    ctx = init_distributed(
+        resolve_device_type(cfg.training.device), cfg.training.collective_timeout_s
+    )
+    preemption = Preemption()
+    preemption.install()
     try:
-        trainer = build_trainer(cfg, ctx)
-        announce(trainer)
-        resume(trainer)
-        try:
-            train_loop(trainer)
-        finally:
-            trainer.metrics.close()
-            if isinstance(trainer.loader, BackgroundLoader):
-                trainer.loader.close()
+        stages = stage_configs(cfg)
+        done = completed_step(cfg, ctx.rank)
+        stop_at = stages[-1].last_step
+        if cfg.training.stop_after_steps:
+            stop_at = min(stop_at, done + cfg.training.stop_after_steps)
+        announced = False
+        for stage in stages:
+            if done >= stage.last_step:
+                continue  # finished by an earlier invocation
+            if done >= stop_at:
+                break
+            trainer = build_trainer(stage.config, ctx, stage)
+            if not announced:
+                announce(trainer, cfg)
+                announced = True
+            announce_stage(trainer)
+            resume(trainer)
+            try:
+                preempted = train_loop(trainer, stop_at, preemption)
+            finally:
+                trainer.metrics.close()
+                if isinstance(trainer.loader, BackgroundLoader):
+                    trainer.loader.close()
+            done = trainer.state.step
+            if preempted:
+                break
     finally:
+        preemption.restore()
         dist.destroy_process_group()
 
 
