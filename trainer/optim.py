@@ -1,4 +1,9 @@
-"""AdamW with decay / no-decay parameter groups, and the learning-rate schedules."""
+"""AdamW with its parameter groups, and the learning-rate schedules.
+
+Standard parametrisation: two groups, decay and no-decay, one lr. MetaP
+(trainer/parametrization.py): one group per kind of parameter, each with an lr multiplier
+(`group["lr_mult"]`) that `set_lr` applies and a weight decay of its own.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import torch
 from torch import nn
 
 from trainer.config import OptimConfig
+from trainer.parametrization import STANDARD, Parametrization, metap_groups
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -31,14 +37,41 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    return torch.optim.AdamW(
-        parameter_groups(model, cfg.weight_decay),
+def build_optimizer(
+    model: nn.Module, cfg: OptimConfig, parametrization: Parametrization | None = None
+) -> torch.optim.AdamW:
+    """AdamW over `parameter_groups`, or over MetaP's groups when `parametrization` is MetaP."""
+    if parametrization is None or parametrization.kind == STANDARD:
+        groups = parameter_groups(model, cfg.weight_decay)
+    else:
+        groups = metap_groups(model, parametrization, cfg.weight_decay)
+        for group in groups:
+            group["lr"] = cfg.lr * group["lr_mult"]
+    optimizer = torch.optim.AdamW(
+        groups,
         lr=cfg.lr,
         betas=(cfg.beta1, cfg.beta2),
         eps=cfg.eps,
         foreach=True,
     )
+    if parametrization is not None and parametrization.kind != STANDARD:
+        keep_group_settings(optimizer, ("lr_mult", "weight_decay"))
+    return optimizer
+
+
+def keep_group_settings(optimizer: torch.optim.Optimizer, keys: tuple[str, ...]) -> None:
+    """After a checkpoint load, groups keep these values of this run, not the checkpoint's.
+
+    `Optimizer.load_state_dict` restores every group setting that was saved; MetaP's are derived
+    from the config (a later stage may, e.g., change the batch size and with it the multipliers).
+    """
+    settings = [{key: group[key] for key in keys} for group in optimizer.param_groups]
+
+    def restore(optimizer: torch.optim.Optimizer) -> None:
+        for group, kept in zip(optimizer.param_groups, settings, strict=True):
+            group.update(kept)
+
+    optimizer.register_load_state_dict_post_hook(restore)
 
 
 def lr_at(step: int, total_steps: int, cfg: OptimConfig) -> float:
@@ -62,5 +95,6 @@ def lr_at(step: int, total_steps: int, cfg: OptimConfig) -> float:
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The schedule's lr times each group's MetaP multiplier (standard groups have none)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group["lr_mult"] if "lr_mult" in group else lr
