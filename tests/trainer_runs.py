@@ -27,6 +27,7 @@ def run_trainer(
     check: bool = True,
     config: Path | None = None,
     program: str = "trainer.train",
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
     """`python -m program` (the training CLI, or a variant such as tests.record_gradients)."""
     config_args = ["--config", str(config)] if config else []
@@ -34,9 +35,13 @@ def run_trainer(
     if nproc > 1:
         launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
         args = [*launcher, *args]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
     result = subprocess.run(
-        [sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, *args],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     if check and result.returncode != 0:
         raise AssertionError(f"trainer failed ({result.returncode}):\n{result.stderr[-4000:]}")
