@@ -54,5 +54,6 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def losses_by_step(run_dir: Path) -> dict[int, float]:
-    """The last logged loss of each step (a resumed run may log a step twice)."""
-    return {row["step"]: row["loss"] for row in read_metrics(run_dir)}
+    """The last logged loss of each step (a resumed run may log a step twice; evaluation rows
+    carry no training loss)."""
+    return {row["step"]: row["loss"] for row in read_metrics(run_dir) if "loss" in row}

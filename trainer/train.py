@@ -22,6 +22,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 from data.loader import BackgroundLoader, Batch, DataSpec, GlobalBatchLoader, RankSlice
 from data.media import MediaConfig
 from data.packing import IGNORE_INDEX
+from data.passkey import FillerPool
 from data.tokenizer import build_tokenizer
 from parallel import expert as expert_parallel
 from parallel.context import ContextParallel
@@ -34,6 +35,7 @@ from trainer.checkpoint import (
     load_model_weights,
 )
 from trainer.config import Config, ConfigError, load_config, split_cli, to_toml
+from trainer.eval import evaluate_long_context, format_table, longctx_scalars
 from trainer.health import APPLY, ROLLBACK, TrainingHealth
 from trainer.metrics import (
     MetricsLogger,
@@ -531,6 +533,28 @@ def announce_stage(trainer: Trainer) -> None:
         )
 
 
+def evaluate_stage(trainer: Trainer) -> None:
+    """Long-context evaluation (trainer/eval.py) at the end of a stage, on every rank.
+
+    Logged as `eval/longctx/<length>/...` at the stage's last step and written to
+    `run_dir/eval/longctx-step-N.json`.
+    """
+    cfg, stage, step = trainer.cfg, trainer.stage, trainer.state.step
+    results = evaluate_long_context(
+        trainer.model,
+        build_tokenizer(cfg.data.tokenizer),
+        stage.eval_lengths,
+        filler=FillerPool.from_sources(tuple(cfg.data.sources), cfg.data.tokenizer),
+        seed=cfg.training.seed,
+    )
+    trainer.metrics.log(step, longctx_scalars(results), format_table(results))
+    if trainer.ctx.rank == 0:
+        fs, path = fsspec.core.url_to_fs(f"{cfg.training.run_dir.rstrip('/')}/eval")
+        fs.makedirs(path, exist_ok=True)
+        with fs.open(f"{path}/longctx-step-{step}.json", "w") as f:
+            json.dump({"stage": stage.name, "step": step, **results}, f, indent=1)
+
+
 def completed_step(cfg: Config, rank: int) -> int:
     """The step of the checkpoint this invocation resumes from (0 if none)."""
     if not cfg.checkpoint.resume:
@@ -567,6 +591,8 @@ def train(cfg: Config) -> None:
             resume(trainer)
             try:
                 preempted = train_loop(trainer, stop_at, preemption)
+                if trainer.state.step == stage.last_step and stage.eval_lengths:
+                    evaluate_stage(trainer)
             finally:
                 trainer.metrics.close()
                 if isinstance(trainer.loader, BackgroundLoader):

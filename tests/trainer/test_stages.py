@@ -5,7 +5,8 @@ RoPE theta, halves the attention chunk and changes the temperature floor; the 20
 switches to context parallelism (cp = 2, so dp_shard drops from 2 to 1). Checked: stage
 boundaries at exactly steps 2 and 4, each with a checkpoint tagged with its stage; the stage
 parameters in force; and exact resume (bitwise losses) across a boundary (stopped at step 2) and
-inside a stage (stopped at step 5, mid-cp stage).
+inside a stage (stopped at step 5, mid-cp stage). The first stage ends with a long-context
+evaluation (trainer/eval.py), which must not disturb the training that follows.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import json
 import shutil
 
 import pytest
-from trainer_runs import REPO, losses_by_step, run_trainer
+from trainer_runs import REPO, losses_by_step, read_metrics, run_trainer
 
 from trainer.config import ConfigError, load_config, to_toml
 from trainer.stages import stage_at, stage_configs
@@ -25,6 +26,7 @@ name = "s128"
 seq_len = 128
 tokens = 1024
 batch_tokens = 512
+eval_lengths = [256]
 
 [[stages]]
 name = "s512"
@@ -142,6 +144,11 @@ def test_a_staged_run_changes_shape_at_exact_boundaries(uninterrupted):
         assert line in result.stdout
     tags = {step: marker["stage"] for step, marker in markers(run_dir).items()}
     assert tags[2] == "s128" and tags[4] == "s512" and tags[6] == "s2048"
+    # The long-context evaluation ran where s128 ended, on both ranks, logged and saved.
+    evaluated = [row for row in read_metrics(run_dir) if "eval/longctx/256/loss/mean" in row]
+    assert [row["step"] for row in evaluated] == [2]
+    assert 0.0 <= evaluated[0]["eval/longctx/256/passkey/token_accuracy"] <= 1.0
+    assert (run_dir / "eval" / "longctx-step-2.json").exists()
 
 
 @pytest.mark.parametrize("stop", [2, 5])
