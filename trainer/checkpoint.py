@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import json
 import re
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import fsspec
@@ -43,6 +45,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.tensor import DTensor
+from torch.utils._pytree import tree_map_only
 
 from parallel.expert import ExpertParallel, sharded_expert_names
 
@@ -88,6 +91,14 @@ class ExpertRows(torch.Tensor):
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN206
         # A placeholder with no storage of its own: DCP only asks it for chunks and `local`.
         raise TypeError(f"ExpertRows is a checkpoint placeholder and does not support {func}")
+
+    def copied(self) -> ExpertRows:
+        """The same rows over a copy of the data, for a save that runs while training goes on."""
+        rows = torch.Tensor._make_wrapper_subclass(
+            ExpertRows, self.shape, dtype=self.local.dtype, device=self.local.device
+        )
+        rows.local, rows.first, rows.source = self.local.detach().clone(), self.first, None
+        return rows
 
     def _chunks(self) -> list[ChunkStorageMetadata]:
         if not self.local.shape[0]:
@@ -171,12 +182,34 @@ def load_model_weights(path: str, model: nn.Module) -> None:
     dcp.load({"model": ModelState(model)}, storage_reader=_reader(path))
 
 
+@dataclass
+class _PendingSave:
+    """A checkpoint being written by a background thread: not complete until `_finish`."""
+
+    future: Future
+    step: int
+    marker: dict[str, Any]
+
+
 class CheckpointManager:
-    def __init__(self, run_dir: str, keep: int, rank: int):
+    """Saves, finds and loads the run's checkpoints; with `async_save`, writes in the background.
+
+    An asynchronous save copies the state (the copy is what is written, so training may change
+    the originals at once) and hands it to a thread, which writes it over a process group of
+    its own (gloo, so training's collectives never interleave with it). The trainer calls
+    `poll()` after every step: once every rank's thread is done, rank 0 writes the marker. At
+    most one save is in flight (a new one first waits for the last), and `wait()` finishes it
+    at the end. A crash before the marker leaves a directory that is never resumed from.
+    """
+
+    def __init__(self, run_dir: str, keep: int, rank: int, async_save: bool = False):
         self.root = f"{run_dir.rstrip('/')}/checkpoints"
         self.keep = keep
         self.rank = rank
         self.fs, self.fs_root = fsspec.core.url_to_fs(self.root)
+        self._pending: _PendingSave | None = None
+        self._writer_group = dist.new_group(backend="gloo") if async_save else None
+        self._thread = ThreadPoolExecutor(max_workers=1) if async_save else None
 
     def step_dir(self, step: int) -> str:
         return f"{self.root}/step-{step}"
@@ -201,17 +234,47 @@ class CheckpointManager:
     ) -> None:
         """Write `state` for `step`; the marker names the stage, and a stage's last checkpoint
         (`stage_end`) is kept whatever checkpoint.keep says: the next stage starts from it."""
+        self.wait()
         path = self.step_dir(step)
         _, fs_path = fsspec.core.url_to_fs(path)
         if self.rank == 0 and self.fs.exists(fs_path):
             self.fs.rm(fs_path, recursive=True)  # an incomplete earlier attempt at this step
         dist.barrier()
-        dcp.save(state, storage_writer=_writer(path))
+        marker = {"step": step, "world_size": dist.get_world_size(), "stage": stage}
+        marker["stage_end"] = stage_end
+        if self._thread is None:
+            dcp.save(state, storage_writer=_writer(path))
+            self._finish(step, marker)
+            return
+        staged = {name: _staged_copy(value.state_dict()) for name, value in state.items()}
+        future = self._thread.submit(
+            dcp.save, staged, storage_writer=_writer(path), process_group=self._writer_group
+        )
+        self._pending = _PendingSave(future, step, marker)
+
+    def poll(self) -> None:
+        """Complete a background save once every rank has written its part (a collective)."""
+        if self._pending is None:
+            return
+        done = torch.tensor([float(self._pending.future.done())])
+        dist.all_reduce(done, op=dist.ReduceOp.MIN)  # the default group: this thread's
+        if done.item():
+            self.wait()
+
+    def wait(self) -> None:
+        """Block until the save in flight (if any) is written, then mark it complete."""
+        if self._pending is None:
+            return
+        pending, self._pending = self._pending, None
+        pending.future.result()  # a failed write raises here, on the rank that failed
+        self._finish(pending.step, pending.marker)
+
+    def _finish(self, step: int, marker: dict[str, Any]) -> None:
         dist.barrier()  # every rank's shards are on storage before the marker says so
         if self.rank == 0:
+            _, fs_path = fsspec.core.url_to_fs(self.step_dir(step))
             with self.fs.open(f"{fs_path}/{COMPLETE_MARKER}", "w") as f:
-                marker = {"step": step, "world_size": dist.get_world_size(), "stage": stage}
-                json.dump({**marker, "stage_end": stage_end}, f)
+                json.dump(marker, f)
             self._prune()
         dist.barrier()
 
@@ -227,6 +290,17 @@ class CheckpointManager:
                 if json.load(f).get("stage_end"):
                     continue
             self.fs.rm(fs_path, recursive=True)
+
+
+def _staged_copy(state: Any) -> Any:
+    """The same nested state with every tensor copied (DTensors stay DTensors of the copy)."""
+
+    def copy(tensor: torch.Tensor) -> torch.Tensor:
+        if isinstance(tensor, ExpertRows):
+            return tensor.copied()
+        return tensor.detach().clone()
+
+    return tree_map_only(torch.Tensor, copy, state)
 
 
 def _writer(path: str) -> dcp.StorageWriter:

@@ -210,6 +210,9 @@ class CheckpointConfig:
     """Keep the newest this many complete checkpoints; 0 keeps all."""
     resume: bool = True
     """Resume from the newest complete checkpoint in run_dir/checkpoints if there is one."""
+    async_save: bool = True
+    """Write checkpoints in a background thread (training waits only for an in-memory copy);
+    a checkpoint counts as complete only once every rank's thread has finished."""
     init_from: str = ""
     """Model weights to start from when there is nothing to resume: a checkpoint directory (a
     run's `checkpoints/step-N` or one written by `python -m trainer.convert from-hf`)."""

@@ -174,7 +174,9 @@ def build_trainer(cfg: Config, ctx: DistributedContext, stage: Stage | None = No
     model.init_weights()
     parametrization = build_parametrization(model, cfg.model, cfg.optim, t.global_batch_size)
     init_metap_weights(model, parametrization)  # standard: nothing (not even an RNG draw)
-    checkpoints = CheckpointManager(t.run_dir, cfg.checkpoint.keep, ctx.rank)
+    checkpoints = CheckpointManager(
+        t.run_dir, cfg.checkpoint.keep, ctx.rank, cfg.checkpoint.async_save
+    )
     resume_step = checkpoints.latest_step() if cfg.checkpoint.resume else None
     if resume_step is not None:  # before anything is read: other groups would not load
         refuse_other_parametrization(checkpoints.step_dir(resume_step), parametrization)
@@ -418,16 +420,19 @@ def train_loop(trainer: Trainer, stop_at: int, preemption: Preemption) -> bool:
             console = format_console(step, stage.run_steps, scalars)
             trainer.metrics.log(step, scalars, console)
             window = LogWindow(save_seconds=window.save_seconds)
+        trainer.checkpoints.poll()  # completes a background save once every rank wrote it
         saved = should_save(trainer, step, last_step)
         if saved:
             window.save_seconds = save(trainer, step)  # reported with the next log line
         if preemption.requested(trainer.ctx.device):
             if not saved:
                 save(trainer, step)
+            trainer.checkpoints.wait()
             if trainer.ctx.rank == 0:
                 print(f"preempted: checkpoint at step {step} written, exiting", flush=True)
             return True
         step += 1
+    trainer.checkpoints.wait()
     return False
 
 
@@ -482,6 +487,7 @@ def save(trainer: Trainer, step: int) -> float:
 def roll_back(trainer: Trainer) -> None:
     """Reload the newest checkpoint and mark the offending batches so they are never trained."""
     offending = trainer.health.rolled_back()
+    trainer.checkpoints.wait()
     step = trainer.checkpoints.latest_step()
     if step is None:
         raise RuntimeError(

@@ -1,7 +1,8 @@
 """Operations: preemption, non-finite steps and rollbacks, loss spikes, hung collectives.
 
 Through the CLI: SIGTERM sent to ONE of two ranks mid-run stops both after the same step with a
-checkpoint and exit code 0, and the restart equals an uninterrupted run bitwise. NaN injected
+checkpoint and exit code 0, and the restart equals an uninterrupted run bitwise. A process that
+dies while its asynchronous save is in flight leaves no checkpoint marked complete. NaN injected
 into one batch skips that update; NaN in max_nonfinite_steps batches in a row rolls back to the
 newest checkpoint and skips those batches, and a run stopped after the rollback and resumed
 does not replay them (its losses equal the uninterrupted faulty run's, bitwise).
@@ -76,6 +77,24 @@ def test_nonfinite_steps_in_a_row_roll_back_and_are_never_replayed(tmp_path):
     resumed = faulty(stopped)
     assert "rolled back" not in resumed.stdout  # batches 3 and 4 stay skipped after resuming
     assert losses_by_step(stopped) == losses  # bitwise
+
+
+def test_a_crash_during_an_async_save_never_leaves_a_complete_checkpoint(tmp_path):
+    crashed = run_trainer(
+        tmp_path,
+        *COMMON,
+        "--checkpoint.async_save=true",
+        program="tests.inject_faults",
+        env={"FAULT_CRASH_AFTER_SAVE": "4"},
+        check=False,
+    )
+    assert crashed.returncode == 3
+    checkpoints = tmp_path / "checkpoints"
+    assert (checkpoints / "step-2" / "COMPLETE").exists()
+    assert not (checkpoints / "step-4" / "COMPLETE").exists()  # data perhaps, marker never
+    resumed = run_trainer(tmp_path, *COMMON)
+    assert f"resumed from {checkpoints}/step-2" in resumed.stdout
+    assert sorted(losses_by_step(tmp_path)) == list(range(1, STEPS + 1))
 
 
 def worker_pids(agent: subprocess.Popen) -> list[int]:
