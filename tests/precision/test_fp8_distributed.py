@@ -19,7 +19,7 @@ from torch import nn
 from parallel.expert import apply_expert_parallel
 from trainer.model.config import ModelConfig
 from trainer.model.moe import MoE
-from trainer.precision import update_fp8_scales
+from trainer.precision import fp8_metrics, update_fp8_scales
 from trainer.precision.experts import Fp8GroupedExperts
 from trainer.precision.fp8 import Recipe
 from trainer.precision.linear import Fp8Linear
@@ -56,7 +56,7 @@ def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x * (1 + step), weights  # the amax grows: delayed scales lag and must be reduced
 
 
-def train(model: nn.Module, rows: slice) -> dict[str, list[torch.Tensor]]:
+def train(model: nn.Module, rows: slice) -> dict:
     outputs, states = [], []
     for step in range(STEPS):
         x, weights = batch(step)
@@ -65,17 +65,17 @@ def train(model: nn.Module, rows: slice) -> dict[str, list[torch.Tensor]]:
         update_fp8_scales(model)
         outputs.append(out.detach())
         states.append({k: v.clone() for k, v in model.state_dict().items() if ".fp8." in k})
-    return {"outputs": outputs, "states": states}
+    return {"outputs": outputs, "states": states, "metrics": fp8_metrics(model)}
 
 
-def _rank(rank: int, world_size: int) -> dict[str, list[torch.Tensor]]:
+def _rank(rank: int, world_size: int) -> dict:
     model = DenseThenMoE(dist.group.WORLD)
     apply_expert_parallel(model.moe, dist.group.WORLD)
     return train(model, slice(rank * TOKENS_PER_RANK, (rank + 1) * TOKENS_PER_RANK))
 
 
 @pytest.fixture(scope="module")
-def single_process() -> dict[str, list[torch.Tensor]]:
+def single_process() -> dict:
     return train(DenseThenMoE(None), slice(None))
 
 
@@ -93,6 +93,11 @@ def test_two_ranks_use_the_single_process_scales(single_process):
                 result["outputs"][step], single_process["outputs"][step][:, rows],
                 rtol=1e-6, atol=0,
             )  # fmt: skip
+        # Metrics reduced over the ranks: the amaxes (MAX) and counts (SUM) of one process.
+        for layer, stats in single_process["metrics"].items():
+            for key, value in stats.items():
+                if not key.endswith("_scale"):  # scales used are each rank's own
+                    assert result["metrics"][layer][key] == value, (rank, layer, key)
 
 
 def test_without_reduction_the_ranks_disagree():
