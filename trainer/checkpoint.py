@@ -38,6 +38,7 @@ from torch.distributed.checkpoint.metadata import (
 )
 from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
@@ -48,6 +49,7 @@ from torch.distributed.tensor import DTensor
 from torch.utils._pytree import tree_map_only
 
 from parallel.expert import ExpertParallel, sharded_expert_names
+from trainer.precision.apply import is_fp8_state_key
 
 COMPLETE_MARKER = "COMPLETE"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -140,18 +142,29 @@ def _source(value: Any) -> Any:
 
 
 class ModelState(Stateful):
-    """Model weights keyed by unsharded parameter names, in full shapes (reshardable)."""
+    """Model weights keyed by unsharded parameter names, in full shapes (reshardable).
 
-    def __init__(self, model: nn.Module):
+    `weights_only` leaves out the FP8 scaling state (trainer/precision): it belongs to a run,
+    and a checkpoint written without FP8 (or by trainer.convert) has none.
+    """
+
+    def __init__(self, model: nn.Module, weights_only: bool = False):
         self.model = model
         self.experts = sharded_expert_names(model)
+        self.weights_only = weights_only
 
     def state_dict(self) -> dict[str, Any]:
         state = get_model_state_dict(self.model)
-        return {name: _expert_rows(value, self.experts.get(name)) for name, value in state.items()}
+        return {
+            name: _expert_rows(value, self.experts.get(name))
+            for name, value in state.items()
+            if not (self.weights_only and is_fp8_state_key(name))
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        set_model_state_dict(self.model, {name: _source(value) for name, value in state.items()})
+        weights = {name: _source(value) for name, value in state.items()}
+        options = StateDictOptions(strict=not self.weights_only)
+        set_model_state_dict(self.model, weights, options=options)
 
 
 class OptimizerState(Stateful):
@@ -179,7 +192,7 @@ class OptimizerState(Stateful):
 
 def load_model_weights(path: str, model: nn.Module) -> None:
     """Only the model weights of a checkpoint (a run's or one written by trainer.convert)."""
-    dcp.load({"model": ModelState(model)}, storage_reader=_reader(path))
+    dcp.load({"model": ModelState(model, weights_only=True)}, storage_reader=_reader(path))
 
 
 @dataclass

@@ -50,6 +50,13 @@ from trainer.optim import build_optimizer, lr_at, set_lr
 from trainer.parametrization import build_parametrization, refuse_other_parametrization
 from trainer.parametrization import describe as describe_parametrization
 from trainer.parametrization import init_weights as init_metap_weights
+from trainer.precision.apply import (
+    Fp8Summary,
+    apply_fp8,
+    fp8_metrics,
+    fp8_scalars,
+    update_fp8_scales,
+)
 from trainer.preemption import Preemption
 from trainer.stages import Stage, stage_configs
 
@@ -129,6 +136,8 @@ class Trainer:
     stage: Stage | None = None
     """The stage being trained (trainer/stages.py); `cfg` is its resolved config."""
     health: TrainingHealth | None = None
+    fp8: Fp8Summary | None = None
+    """Which layers run in FP8 (precision.fp8; backend "off": none)."""
 
     def checkpoint_state(self) -> dict[str, Stateful]:
         return {
@@ -180,6 +189,11 @@ def build_trainer(cfg: Config, ctx: DistributedContext, stage: Stage | None = No
     resume_step = checkpoints.latest_step() if cfg.checkpoint.resume else None
     if resume_step is not None:  # before anything is read: other groups would not load
         refuse_other_parametrization(checkpoints.step_dir(resume_step), parametrization)
+    # FP8 swaps modules in place (names kept) before EP and FSDP wrap them. Every rank sees other
+    # tokens or experts, so the delayed-scaling amaxes are reduced over all of them.
+    fp8 = apply_fp8(
+        model, cfg.precision.fp8, dist.group.WORLD if ctx.world_size > 1 else None, p.ep
+    )
     dtype = torch.bfloat16 if t.dtype == "bfloat16" else torch.float32
     meshes = dims.build_mesh(ctx.device.type)
     sequence_split = parallelize_model(model, meshes, dtype, p.checkpoint_every)
@@ -197,6 +211,7 @@ def build_trainer(cfg: Config, ctx: DistributedContext, stage: Stage | None = No
         micro_batches=per_rank // micro,
         sequence_split=sequence_split,
         stage=stage,
+        fp8=fp8,
         health=TrainingHealth(t.max_nonfinite_steps, t.loss_spike_factor, t.loss_spike_window),
     )
 
@@ -305,6 +320,7 @@ def train_step(trainer: Trainer, rows: Batch) -> StepResult:
         ce_total += ce_sum.detach()
         router_total += out.router_loss.detach() * router_weight / dp_size
     start = _now(device)
+    update_fp8_scales(model)  # delayed scaling: this step's amaxes, reduced over all ranks
     max_norm = trainer.cfg.training.max_grad_norm or float("inf")
     if trainer.cfg.parallel.ep > 1:
         grad_norm = expert_parallel.clip_grad_norm_(model, max_norm)  # experts on their own mesh
@@ -412,6 +428,8 @@ def train_loop(trainer: Trainer, stop_at: int, preemption: Preemption) -> bool:
                 **rank_spread(window.seconds / window.steps, trainer.ctx.device),
                 **eta(stage, step, window.seconds / window.steps),
             }
+            if trainer.fp8.backend != "off":
+                scalars.update(fp8_scalars(fp8_metrics(trainer.model)))
             if cfg.metrics.peak_flops_per_device:
                 flops = flops_per_token(cfg.model, t.seq_len) * scalars["tokens_per_s"]
                 scalars["mfu"] = flops / (
@@ -519,6 +537,7 @@ def announce(trainer: Trainer, run_cfg: Config) -> None:
         f.write(text)
     params = count_parameters(trainer.cfg.model)
     print(text + f"# parameters: {params}\n# world size: {trainer.ctx.world_size}", flush=True)
+    print(f"# {trainer.fp8}", flush=True)
     trainer.metrics.log_text("config", text)
     c = trainer.cfg
     batch = c.training.global_batch_size
