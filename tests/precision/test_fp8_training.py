@@ -6,11 +6,12 @@
    loss scaling between layouts is a power of two, which FP8 scaling absorbs exactly, so what
    is left is float32 reduction order (relative 1e-5, as for bf16/float32 layouts).
 2. FP8 (delayed scaling, E4M3 forward / E5M2 gradients) against bf16 over 200 steps of the
-   shipped corpus's text (8 x 64 tokens a step, text only to keep the test short): FP8 rounds each GEMM operand to 3 mantissa bits (a relative error of about
-   2^-5 per GEMM, ~0.04 measured in tests/precision), which acts like small noise on the
-   updates. Tolerance: every 20-step window mean within 0.1 nats of bf16's, the final window
-   within 0.05 (the window means themselves move by a nat with the data's languages; measured
-   largest gap 0.042, final 0.015).
+   shipped corpus's text (8 x 64 tokens a step, text only to keep the test short): FP8 rounds
+   each GEMM operand to 3 mantissa bits (a relative error of about 2^-5 per GEMM, ~0.04
+   measured in tests/precision), which acts like small noise on the updates. Tolerance: every
+   20-step window mean within 0.1 nats of bf16's, the final window within 0.05 (the window
+   means themselves move by a nat with the data's languages; measured largest gap 0.042,
+   final 0.015).
 """
 
 from __future__ import annotations
