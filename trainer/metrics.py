@@ -110,4 +110,13 @@ def format_console(step: int, total_steps: int, scalars: dict[str, float]) -> st
         parts.append(f"mfu {scalars['mfu']:.1%}")
     if "memory/peak_gib_max" in scalars:
         parts.append(f"mem {scalars['memory/peak_gib_max']:.2f} GiB")
+    if "eta/run_s" in scalars:
+        stage, run = _clock(scalars["eta/stage_s"]), _clock(scalars["eta/run_s"])
+        parts.append(f"eta stage {stage} run {run}")
     return " | ".join(parts)
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"

@@ -155,3 +155,15 @@ def test_a_hung_collective_fails_within_the_timeout():
     seconds, _, message = result.partition("s: ")
     assert float(seconds) < 10, result
     assert "timed out" in message.lower() or "timeout" in message.lower(), message
+
+
+def test_checkpoints_on_an_fsspec_url_resume_exactly(tmp_path):
+    """run_dir as a `file://` URL: metrics, async checkpoints and markers go through fsspec."""
+    reference = run_trainer(tmp_path / "reference", *COMMON)
+    assert "eta stage 0:00:" in reference.stdout  # the console line's ETA
+    url = f"file://{tmp_path}/url_run"
+    run_trainer(url, *COMMON, "--training.stop_after_steps=4")
+    assert (tmp_path / "url_run" / "checkpoints" / "step-4" / "COMPLETE").exists()
+    resumed = run_trainer(url, *COMMON)
+    assert f"resumed from {url}/checkpoints/step-4" in resumed.stdout
+    assert losses_by_step(tmp_path / "url_run") == losses_by_step(tmp_path / "reference")
