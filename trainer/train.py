@@ -625,6 +625,9 @@ def train(cfg: Config) -> None:
             done = trainer.state.step
             if preempted:
                 break
+        # Tear down together: a rank that destroys its gloo pairs while another still writes
+        # files (rank 0) can abort that rank's transport at exit ("terminate called ...").
+        dist.barrier()
     finally:
         preemption.restore()
         dist.destroy_process_group()
