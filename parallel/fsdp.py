@@ -17,7 +17,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 
-from parallel.context import ContextParallel, apply_context_parallel
+from parallel.context import apply_context_parallel
 from parallel.expert import apply_expert_parallel, scale_expert_gradients
 from parallel.mesh import ParallelMeshes
 from trainer.model.moe import MoE
@@ -25,11 +25,11 @@ from trainer.model.moe import MoE
 
 def parallelize_model(
     model: nn.Module, meshes: ParallelMeshes, compute_dtype: torch.dtype, checkpoint_every: int
-) -> ContextParallel | None:
+) -> None:
     """Apply every parallelism to `model`, in place, in the one order in which they compose.
 
-    Returns the context-parallel split when parallel.cp > 1: the model's logits are then for
-    this rank's share of each row, and the labels must be split alike (`split.shard`).
+    With parallel.cp > 1 the model's logits are for this rank's share of each row: the labels
+    must be split alike (`model.sequence_split.shard`).
 
     1. Expert parallelism splits the routed experts over `meshes.ep` and hooks the token
        all-to-all around `moe.experts` (parallel/expert.py). It changes which weights a rank
@@ -53,11 +53,11 @@ def parallelize_model(
     if dims.ep_enabled:
         apply_expert_parallel(model, meshes.ep)
         scale_expert_gradients(model, _expert_grad_factor(dims.ep))
-    split = apply_context_parallel(model, meshes.cp) if dims.cp_enabled else None
+    if dims.cp_enabled:
+        apply_context_parallel(model, meshes.cp)
     apply_activation_checkpointing(model, checkpoint_every)
     expert_mesh = meshes.expert_fsdp if dims.ep_enabled else None
     apply_fsdp(model, meshes.fsdp, compute_dtype, expert_mesh)
-    return split
 
 
 def _expert_grad_factor(ep: int) -> float:

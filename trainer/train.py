@@ -25,7 +25,6 @@ from data.packing import IGNORE_INDEX
 from data.passkey import FillerPool
 from data.tokenizer import build_tokenizer
 from parallel import expert as expert_parallel
-from parallel.context import ContextParallel
 from parallel.fsdp import parallelize_model
 from parallel.mesh import DistributedContext, ParallelDims, all_reduce_sum, init_distributed
 from trainer.checkpoint import (
@@ -47,7 +46,11 @@ from trainer.metrics import (
 from trainer.model.config import count_parameters, flops_per_token
 from trainer.model.transformer import Transformer
 from trainer.optim import build_optimizer, lr_at, set_lr
-from trainer.parametrization import build_parametrization, refuse_other_parametrization
+from trainer.parametrization import (
+    Parametrization,
+    build_parametrization,
+    refuse_other_parametrization,
+)
 from trainer.parametrization import describe as describe_parametrization
 from trainer.parametrization import init_weights as init_metap_weights
 from trainer.precision.apply import (
@@ -131,13 +134,13 @@ class Trainer:
     checkpoints: CheckpointManager
     metrics: MetricsLogger
     micro_batches: int
-    sequence_split: ContextParallel | None = None
-    """With parallel.cp > 1: this rank's share of each row, for the labels."""
     stage: Stage | None = None
     """The stage being trained (trainer/stages.py); `cfg` is its resolved config."""
     health: TrainingHealth | None = None
     fp8: Fp8Summary | None = None
     """Which layers run in FP8 (precision.fp8; backend "off": none)."""
+    parametrization: Parametrization | None = None
+    """Per-parameter init and lr rules (optim.parametrization), as the optimizer uses them."""
 
     def checkpoint_state(self) -> dict[str, Stateful]:
         return {
@@ -196,7 +199,7 @@ def build_trainer(cfg: Config, ctx: DistributedContext, stage: Stage | None = No
     )
     dtype = torch.bfloat16 if t.dtype == "bfloat16" else torch.float32
     meshes = dims.build_mesh(ctx.device.type)
-    sequence_split = parallelize_model(model, meshes, dtype, p.checkpoint_every)
+    parallelize_model(model, meshes, dtype, p.checkpoint_every)
     # The data rank, not the global rank: the cp ranks of one group read the same rows.
     loader = build_loader(cfg, RankSlice(meshes.dp.get_local_rank(), dims.dp_size))
     return Trainer(
@@ -209,7 +212,7 @@ def build_trainer(cfg: Config, ctx: DistributedContext, stage: Stage | None = No
         checkpoints=checkpoints,
         metrics=MetricsLogger(t.run_dir, ctx.rank == 0, cfg.metrics.tensorboard),
         micro_batches=per_rank // micro,
-        sequence_split=sequence_split,
+        parametrization=parametrization,
         stage=stage,
         fp8=fp8,
         health=TrainingHealth(t.max_nonfinite_steps, t.loss_spike_factor, t.loss_spike_window),
@@ -288,9 +291,10 @@ def train_step(trainer: Trainer, rows: Batch) -> StepResult:
         to_device(rows.select(slice(i * size, (i + 1) * size)), device, with_vision)
         for i in range(n_micro)
     ]
-    if trainer.sequence_split is not None:  # the model's logits are for this rank's share
+    split = model.sequence_split  # context parallelism: the logits are for this rank's share
+    if split is not None:
         for batch in micro:
-            batch["labels"] = trainer.sequence_split.shard(batch["labels"])
+            batch["labels"] = split.shard(batch["labels"])
     valid = torch.tensor(float(sum(int((m["labels"] != IGNORE_INDEX).sum()) for m in micro)))
     global_valid = all_reduce_sum(valid.to(device))  # note: a host sync before the first forward
     ce_total = torch.zeros((), device=device)
@@ -539,10 +543,7 @@ def announce(trainer: Trainer, run_cfg: Config) -> None:
     print(text + f"# parameters: {params}\n# world size: {trainer.ctx.world_size}", flush=True)
     print(f"# {trainer.fp8}", flush=True)
     trainer.metrics.log_text("config", text)
-    c = trainer.cfg
-    batch = c.training.global_batch_size
-    parametrization = build_parametrization(trainer.model, c.model, c.optim, batch)
-    groups = describe_parametrization(parametrization, trainer.model, c.optim)
+    groups = describe_parametrization(trainer.parametrization, trainer.model, trainer.cfg.optim)
     print(groups, flush=True)
     trainer.metrics.log_text("parametrization", groups)
 
