@@ -30,11 +30,8 @@ same with backward included; both are reported.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -47,6 +44,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.report import load_average, report_header  # noqa: E402
 from parallel.expert import apply_expert_parallel  # noqa: E402
 from tests.distributed import run_distributed  # noqa: E402
 from trainer.model.config import ModelConfig  # noqa: E402
@@ -281,7 +279,7 @@ def main(argv: list[str] | None = None) -> None:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     args.threads = args.threads or cores
     element_size = torch.empty((), dtype=DTYPES[args.dtype]).element_size()
-    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
+    load_before = load_average()
     print(
         f"torch {torch.__version__}, {args.dtype}, {args.batch}x{args.seq} tokens per rank, "
         f"{args.steps} steps per routing; model: dim {MODEL.dim}, {MODEL.n_layers} MoE layers, "
@@ -328,16 +326,9 @@ def main(argv: list[str] | None = None) -> None:
             f"(goal: {'met' if result['goal_met_group_total'] else 'NOT met'})"
         )
     report = {
-        "benchmark": "expert-parallel all-to-all bytes per step vs the balanced minimum",
-        "command": shlex.join([sys.executable, *sys.argv]),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "versions": {"torch": torch.__version__},
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "loadavg_1_5_15_before": load_before,
-        },
+        **report_header(
+            "expert-parallel all-to-all bytes per step vs the balanced minimum", load_before
+        ),
         "model": {k: v for k, v in vars(MODEL).items() if k != "vision"},
         "dtype": args.dtype,
         "tokens_per_rank": args.batch * args.seq,

@@ -27,12 +27,9 @@ printed (1.000 = exact).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import resource
-import shlex
 import sys
 import tempfile
 import time
@@ -44,6 +41,7 @@ from torch.distributed.tensor import DTensor
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.report import load_average, report_header  # noqa: E402
 from parallel.mesh import DistributedContext  # noqa: E402
 from tests.distributed import run_distributed  # noqa: E402
 from trainer.config import ConfigError, load_config, split_cli  # noqa: E402
@@ -192,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     os.chdir(REPO)  # the config's data sources are relative to the repository root
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     args.threads = args.threads or cores
-    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
+    load_before = load_average()
     print(
         f"torch {torch.__version__}; config {args.config or 'configs/tiny_cpu.toml'} with "
         f"{' '.join(DERIVED[:4] + args.overrides)}; {args.rows}x{args.seq} tokens per rank, "
@@ -259,17 +257,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     params_full = base["after_steps"]["parameters_full"]
     report = {
-        "benchmark": "per-rank parameter / gradient / optimizer bytes and peak RSS vs dp_shard",
-        "command": shlex.join([sys.executable, *sys.argv]),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "versions": {"torch": torch.__version__},
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "loadavg_1_5_15_before": load_before,
-            "loadavg_1_5_15_after": os.getloadavg() if hasattr(os, "getloadavg") else None,
-        },
+        **report_header(
+            "per-rank parameter / gradient / optimizer bytes and peak RSS vs dp_shard", load_before
+        ),
         "config": args.config or "configs/tiny_cpu.toml",
         "overrides": [*DERIVED, *args.overrides],
         "model": base["model"],

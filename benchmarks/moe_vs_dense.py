@@ -31,11 +31,7 @@ down far more than the dense one, and the single-threaded ratio is the steadier 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
-import shlex
 import statistics
 import sys
 import time
@@ -48,6 +44,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.report import all_cores, load_average, report_header  # noqa: E402
 from trainer.model.config import ModelConfig  # noqa: E402
 from trainer.model.moe import FeedForward, MoE  # noqa: E402
 
@@ -79,12 +76,6 @@ SHAPES = {
     # Fine-grained: many narrow experts (Maverick has 128 of them), 64 rows per expert here.
     "fine_grained": Shape(512, 64, 1, 512, 4096, "64 narrow experts top-1 + shared"),
 }
-
-
-def all_cores() -> int:
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 def model_config(shape: Shape) -> ModelConfig:
@@ -367,25 +358,15 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.steps} timed + {args.warmup} warm-up steps per layer",
         flush=True,
     )
-    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
+    load_before = load_average()
     results = []
     for threads in args.threads:
         torch.set_num_threads(threads)
         results.extend(run_shape(name, args, threads) for name in names)
     report = {
-        "benchmark": "MoE layer vs dense FFN of equal active parameters, forward + backward",
-        "command": shlex.join([sys.executable, *sys.argv]),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "versions": {"torch": torch.__version__},
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "cores_available": all_cores(),
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "python": platform.python_version(),
-            "loadavg_1_5_15_before": load_before,
-            "loadavg_1_5_15_after": os.getloadavg() if hasattr(os, "getloadavg") else None,
-        },
+        **report_header(
+            "MoE layer vs dense FFN of equal active parameters, forward + backward", load_before
+        ),
         "threads": args.threads,
         "steps": args.steps,
         "warmup": args.warmup,

@@ -17,12 +17,8 @@ unchosen ones scaled by zero); ours sorts token copies by expert and runs groupe
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import re
-import shlex
 import statistics
 import sys
 import tempfile
@@ -35,6 +31,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.report import all_cores, load_average, report_header  # noqa: E402
 from trainer.config import load_config  # noqa: E402
 from trainer.model.config import ModelConfig, VisionConfig  # noqa: E402
 from trainer.model.hf import text_config_to_hf, to_hf  # noqa: E402
@@ -81,12 +78,6 @@ CONFIGS: dict[str, tuple[ModelConfig, int, int]] = {
 }
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def all_cores() -> int:
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 def hf_text_config(cfg: ModelConfig):
@@ -290,23 +281,14 @@ def main(argv: list[str] | None = None) -> None:
         f"{threads} threads, {args.steps} timed + {args.warmup} warm-up steps per model",
         flush=True,
     )
-    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
+    load_before = load_average()
     results = [run_config(name, args) for name in names]
     report = {
-        "benchmark": "one training step (forward, backward, AdamW) ours vs HF Llama4ForCausalLM",
-        "command": shlex.join([sys.executable, *sys.argv]),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "cores_available": all_cores(),
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "python": platform.python_version(),
-            # Other processes compete for the cores; timings are noisier the higher these are.
-            "loadavg_1_5_15_before": load_before,
-            "loadavg_1_5_15_after": os.getloadavg() if hasattr(os, "getloadavg") else None,
-        },
+        **report_header(
+            "one training step (forward, backward, AdamW) ours vs HF Llama4ForCausalLM",
+            load_before,
+            transformers=transformers.__version__,
+        ),
         "threads": threads,
         "steps": args.steps,
         "warmup": args.warmup,
