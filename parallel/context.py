@@ -76,16 +76,18 @@ class ContextParallel:
         index = local_token_index(x_BS.shape[1], self.size, self.rank).to(x_BS.device)
         return x_BS.index_select(1, index)
 
-    def gather(self, x_TKD: torch.Tensor, n_rows: int) -> torch.Tensor:
-        """Every rank's tokens of the rows, in row order, flattened: (B * S, K, Dh)."""
+    def row_order(self, seq_len: int) -> torch.Tensor:
+        """For each position of a row, its place among the gathered tokens of the row (which
+        come in rank order: rank 0's share, then rank 1's, ...)."""
+        rank_order = torch.cat([local_token_index(seq_len, self.size, r) for r in range(self.size)])
+        return torch.argsort(rank_order)
+
+    def gather(self, x_TKD: torch.Tensor, n_rows: int, row_order: torch.Tensor) -> torch.Tensor:
+        """Every rank's tokens of the rows, in row order (`row_order`), flattened: (B*S, K, Dh)."""
         # Backward: the gathered gradients are reduce-scattered back to the ranks they came from.
         gathered = funcol.all_gather_tensor_autograd(x_TKD.contiguous(), 0, self.group)
         local_len = x_TKD.shape[0] // n_rows
-        seq_len = local_len * self.size
-        # Gathered in rank order (rank r's local tokens of every row, then rank r + 1's ...).
         by_rank = gathered.unflatten(0, (self.size, n_rows, local_len)).transpose(0, 1)
-        rank_order = torch.cat([local_token_index(seq_len, self.size, r) for r in range(self.size)])
-        row_order = torch.argsort(rank_order).to(x_TKD.device)
         rows = by_rank.flatten(1, 2).index_select(1, row_order)
         return rows.flatten(0, 1)
 
@@ -118,7 +120,8 @@ class ContextParallel:
                         keys=slice(row * seq_len + begin, row * seq_len + first),
                     )
                 )
-        return ContextParallelLayout(self, local, tuple(prefixes), n_rows)
+        row_order = self.row_order(seq_len).to(document_ids_BS.device)
+        return ContextParallelLayout(self, local, tuple(prefixes), n_rows, row_order)
 
 
 @dataclass(frozen=True)
@@ -129,11 +132,13 @@ class ContextParallelLayout:
     local: SegmentLayout
     prefixes: tuple[PrefixRun, ...]
     n_rows: int
+    row_order: torch.Tensor
+    """`ContextParallel.row_order` of this batch's rows, computed once for every layer."""
 
     def attend(self, q_THD: torch.Tensor, k_TKD: torch.Tensor, v_TKD: torch.Tensor) -> torch.Tensor:
         # Every rank joins the gather, prefixes or not: the others may need its keys. Keys and
         # values travel together, one collective per layer.
-        kv_all = self.split.gather(torch.cat([k_TKD, v_TKD], dim=-1), self.n_rows)
+        kv_all = self.split.gather(torch.cat([k_TKD, v_TKD], dim=-1), self.n_rows, self.row_order)
         k_all, v_all = kv_all.chunk(2, dim=-1)
         return segments_and_prefixes_attention(
             q_THD, k_TKD, v_TKD, k_all, v_all, self.local, self.prefixes
